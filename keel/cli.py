@@ -1,0 +1,92 @@
+"""The `keel` command."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable, Sequence
+
+from keel.config import ConfigError, load_config, preset_names
+
+EXIT_CONFIG = 2
+EXIT_CHECKPOINT = 3
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: the launcher should restart the job, which then resumes
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "B", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}P"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        return dry_run(cfg)
+    from keel.train.loop import train  # jax and friends load only once the config is known to be good
+
+    summary = train(cfg, progress=not args.no_progress, allow_config_change=args.allow_config_change)
+    print(summary.table())
+    return EXIT_PREEMPTED if summary.stopped_early and summary.step < (cfg.train.stop_at or cfg.train.steps) \
+        else 0
+
+
+def dry_run(cfg) -> int:
+    """What the run would be, from abstract shapes alone: nothing is allocated, no data is read."""
+    import jax
+
+    from keel.model import transformer
+    from keel.optim.optimizers import build_optimizer
+    from keel.train.loop import state_init_fn
+
+    abstract = jax.eval_shape(state_init_fn(cfg, build_optimizer(cfg)[0]), jax.random.key(0))
+    n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract["params"]))
+    state_bytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(abstract))
+    flops = transformer.model_flops_per_token(cfg.model, cfg.data.seq_len)
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    print(f"parameters:        {n_params:,} ({_human(n_params)})")
+    print(f"train state:       {state_bytes / 2**30:.2f} GiB (params + optimizer state)")
+    print(f"FLOPs per token:   {_human(flops)} (training, 6N + attention)")
+    print(f"tokens per step:   {tokens:,}; whole run {_human(tokens * cfg.train.steps)} tokens, "
+          f"{_human(flops * tokens * cfg.train.steps)} FLOPs")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": cmd_train}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keel", description="LLM pretraining in JAX, engineered for goodput.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model (default: the tiny model on the Python standard library)",
+                       description="Train a model. Running it again on the same run_dir resumes the run.")
+    t.add_argument("--config", default="tiny",
+                   help=f"a preset ({', '.join(preset_names())}) or a YAML file (default: tiny)")
+    t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.steps=100")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print parameter count, state size and FLOPs from abstract shapes; allocate nothing")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="resume a run directory although its saved config differs")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from keel.train.checkpoint import CheckpointError
+
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"keel: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except CheckpointError as e:
+        print(f"keel: checkpoint error: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Typed, frozen run configuration.
+
+A run is described by one `Config`: dataclass defaults (which are the tiny CPU model), then a YAML preset,
+then `key.sub=value` overrides. Every layer is checked before any work starts: an unknown key, a wrong type,
+a value outside its allowed set or an inconsistent combination raises `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration the user must fix; the message names the key and what is allowed."""
+
+
+def choices(*allowed: str, default: str) -> Any:
+    return field(default=default, metadata={"choices": allowed})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 64
+    mlp_dim: int = 768
+    rope_theta: float = 10_000.0
+    # Gemma-3 interleaves local (sliding-window) and global layers: with sliding_window > 0, every
+    # `global_every`-th layer (1-based) is global and the others see only the last `sliding_window` tokens.
+    sliding_window: int = 0
+    global_every: int = 1
+    qk_norm: bool = True
+    final_logit_softcap: float = 0.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    remat: str = choices("none", "full", "dots", "dots_no_batch", default="none")
+    param_dtype: str = choices("float32", "bfloat16", default="float32")
+    # "auto": bfloat16 on accelerators, float32 on CPU.
+    compute_dtype: str = choices("auto", "float32", "bfloat16", default="auto")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "stdlib": the running interpreter's standard library sources; otherwise a glob of text files.
+    corpus: str = "stdlib"
+    # Path to a HF tokenizer.json; empty: train a byte-level BPE of model.vocab_size on the corpus.
+    tokenizer: str = ""
+    seq_len: int = 128
+    heldout_fraction: float = 0.02
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = choices("adamw", default="adamw")
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.0
+    warmup_steps: int = 25
+    # Warmup-stable-decay: the last `decay_fraction` of the steps decay linearly to min_lr_ratio * lr.
+    decay_fraction: float = 0.3
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    # Sizes of the device mesh axes; one of them may be -1 to take all remaining devices.
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 500
+    batch_size: int = 16
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    # Stop cleanly (with a checkpoint) after this step although the schedule runs to `steps`:
+    # a time slice on a preemptible allocation. 0: run to the end.
+    stop_at: int = 0
+    sample_tokens: int = 64
+    # No trailing space: byte-level BPE attaches spaces to the following word.
+    sample_prompt: str = "class"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    run_dir: str = "runs/tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# Keys that may differ when a run resumes: they change how the run is observed, not what it computes.
+RESUMABLE_KEYS = frozenset({
+    "run_dir", "train.log_every", "train.stop_at", "train.sample_tokens", "train.sample_prompt",
+    "checkpoint.every", "checkpoint.keep", "checkpoint.async_save",
+})
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+class RawValue(str):
+    """An override's text, read once the target field's type is known: as-is for str fields, else as YAML."""
+
+
+def _coerce(key: str, value: Any, tp: Any, meta: dict) -> Any:
+    if isinstance(value, RawValue):
+        value = str(value) if tp is str else yaml.safe_load(value) if value.strip() else ""
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    allowed = meta.get("choices")
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = prefix or "config"
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]!s} in {where}; allowed keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{key}.")
+        else:
+            kwargs[name] = _coerce(key, value, tp, dict(fields[name].metadata))
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`model.d_model=512` -> {"model": {"d_model": RawValue("512")}}; see `RawValue`."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    value = RawValue(raw)
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise ConfigError(f"config {name_or_path!r} not found; presets: {', '.join(preset_names())}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping at top level")
+    return data
+
+
+def load_config(preset: str = "tiny", overrides: typing.Sequence[str] = ()) -> Config:
+    data = load_preset(preset)
+    for o in overrides:
+        data = _merge(data, parse_override(o))
+    return validate(_build(Config, data, ""))
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    return validate(_build(Config, data, ""))
+
+
+def validate(cfg: Config) -> Config:
+    m, d, o, t, c = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.checkpoint
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads, "model.head_dim": m.head_dim,
+        "model.mlp_dim": m.mlp_dim, "model.global_every": m.global_every, "data.seq_len": d.seq_len,
+        "train.steps": t.steps, "train.batch_size": t.batch_size, "train.log_every": t.log_every,
+        "train.eval_every": t.eval_every, "train.eval_batches": t.eval_batches,
+        "checkpoint.every": c.every, "checkpoint.keep": c.keep,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(
+            f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads} "
+            f"(allowed n_kv_heads: {', '.join(str(k) for k in range(1, m.n_heads + 1) if m.n_heads % k == 0)})"
+        )
+    if m.head_dim % 2:
+        raise ConfigError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")
+    for key, value in {"model.sliding_window": m.sliding_window, "train.stop_at": t.stop_at,
+                       "optim.warmup_steps": o.warmup_steps, "train.sample_tokens": t.sample_tokens}.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    for key, value in {"model.final_logit_softcap": m.final_logit_softcap, "optim.lr": o.lr,
+                       "optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip}.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    for key, value in {"data.heldout_fraction": d.heldout_fraction, "optim.decay_fraction": o.decay_fraction,
+                       "optim.min_lr_ratio": o.min_lr_ratio, "optim.b1": o.b1, "optim.b2": o.b2}.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}={value} must be in [0, 1]")
+    if not 0.0 < d.heldout_fraction < 1.0:
+        raise ConfigError(f"data.heldout_fraction={d.heldout_fraction} must be strictly between 0 and 1")
+    if o.warmup_steps + int(o.decay_fraction * t.steps) > t.steps:
+        raise ConfigError(
+            f"optim.warmup_steps={o.warmup_steps} plus the decay phase "
+            f"(optim.decay_fraction={o.decay_fraction} of train.steps={t.steps}) exceeds train.steps"
+        )
+    if t.stop_at > t.steps:
+        raise ConfigError(f"train.stop_at={t.stop_at} must be <= train.steps={t.steps}")
+    sizes = {"mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp, "mesh.tensor": cfg.mesh.tensor}
+    if sum(v == -1 for v in sizes.values()) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
+        raise ConfigError(f"mesh sizes {sizes}: each must be >= 1, and at most one may be -1 (fill)")
+    return cfg
+
+
+def fingerprint(cfg: Any) -> str:
+    """A short stable hash of a config (or sub-config)."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_differences(saved: Config, current: Config) -> list[str]:
+    """Keys whose change would make a resumed run compute something else than the saved run."""
+    a, b = flatten(to_dict(saved)), flatten(to_dict(current))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in RESUMABLE_KEYS and a.get(k) != b.get(k)]
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+

@@ -1,0 +1,41 @@
+"""Test setup: 8 fake CPU devices, set before JAX is imported anywhere."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import shutil  # noqa: E402
+import sysconfig  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> str:
+    """Forty real standard-library modules copied into a folder: a small corpus that still looks like code."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = tmp_path_factory.mktemp("corpus")
+    names = ["abc", "bisect", "colorsys", "copy", "fnmatch", "functools", "genericpath", "glob", "heapq",
+             "keyword", "linecache", "numbers", "operator", "opcode", "posixpath", "queue", "random",
+             "reprlib", "sched", "shlex", "stat", "string", "struct", "textwrap", "this", "token",
+             "tokenize", "types", "warnings", "weakref", "contextlib", "dataclasses", "enum", "fractions",
+             "graphlib", "gzip", "hashlib", "hmac", "ipaddress", "json/__init__"]
+    for n in names:
+        shutil.copy(root / f"{n}.py", out / f"{n.replace('/', '_')}.py")
+    return str(out / "*.py")
+
+
+TINY = [
+    "model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+    "model.head_dim=8", "model.mlp_dim=64", "data.seq_len=32", "data.heldout_fraction=0.1",
+    "train.batch_size=8", "train.steps=6", "train.log_every=1", "train.eval_every=3", "train.eval_batches=2",
+    "train.sample_tokens=8", "optim.warmup_steps=2", "optim.decay_fraction=0.5", "checkpoint.every=2",
+]
+
+
+@pytest.fixture
+def tiny_args(small_corpus, tmp_path) -> list[str]:
+    """Overrides for a model that trains in seconds on the small corpus, in a fresh run directory."""
+    return [*TINY, f"data.corpus={small_corpus}", f"run_dir={tmp_path / 'run'}"]

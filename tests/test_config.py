@@ -1,0 +1,89 @@
+import dataclasses
+
+import pytest
+
+from keel.config import (
+    Config,
+    ConfigError,
+    load_config,
+    parse_override,
+    preset_names,
+    resume_differences,
+)
+from keel.optim.optimizers import OPTIMIZERS
+
+
+def test_tiny_preset_is_the_defaults():
+    assert load_config("tiny") == Config()
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_validates(name):
+    assert isinstance(load_config(name), Config)
+
+
+def test_overrides_apply_and_parse_yaml_scalars():
+    cfg = load_config("tiny", ["model.d_model=512", "optim.lr=1e-3", "model.qk_norm=false", "data.corpus=a b"])
+    assert cfg.model.d_model == 512 and cfg.optim.lr == 1e-3 and cfg.model.qk_norm is False
+    assert cfg.data.corpus == "a b"
+    assert parse_override("train.steps=7") == {"train": {"steps": "7"}}
+    # a str field takes the text as written, even where YAML would read a bool or a number
+    assert load_config("tiny", ["train.sample_prompt=yes", "data.tokenizer=1.5"]).data.tokenizer == "1.5"
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("model.foo=1", ["model.foo", "allowed keys", "d_model"]),
+        ("bogus=1", ["bogus", "allowed keys", "model"]),
+        ("train.steps=abc", ["train.steps", "expected int", "'abc'"]),
+        ("train.steps=1.5", ["train.steps", "expected int"]),
+        ("train.steps=true", ["train.steps", "expected int"]),
+        ("model.qk_norm=3", ["model.qk_norm", "expected bool"]),
+        ("model.remat=yes", ["model.remat", "'none'", "'full'", "'dots'"]),
+        ("model.compute_dtype=fp16", ["model.compute_dtype", "'bfloat16'"]),
+        ("optim.name=sgd", ["optim.name", "'adamw'"]),
+        ("model.n_heads=5", ["model.n_heads=5", "model.n_kv_heads=2", "allowed n_kv_heads: 1, 5"]),
+        ("model.n_kv_heads=3", ["model.n_heads=4", "model.n_kv_heads=3", "1, 2, 4"]),
+        ("model.head_dim=63", ["model.head_dim=63", "even"]),
+        ("model.d_model=0", ["model.d_model=0", "> 0"]),
+        ("optim.lr=-1", ["optim.lr", ">= 0"]),
+        ("optim.b2=1.5", ["optim.b2", "[0, 1]"]),
+        ("data.heldout_fraction=0", ["data.heldout_fraction"]),
+        ("optim.warmup_steps=450", ["optim.warmup_steps=450", "train.steps=500"]),
+        ("train.stop_at=501", ["train.stop_at=501", "train.steps=500"]),
+        ("mesh.fsdp=-1", ["mesh", "-1"]),
+        ("model", ["key.sub=value"]),
+        ("model=3", ["model", "expected a mapping"]),
+    ],
+)
+def test_bad_config_names_key_and_allowed(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [override])
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match="presets: .*tiny"):
+        load_config("nope")
+
+
+def test_yaml_file_with_unknown_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  d_modle: 3\n")
+    with pytest.raises(ConfigError, match="model.d_modle"):
+        load_config(str(p))
+
+
+def test_resume_differences_ignore_observation_keys():
+    a = load_config("tiny")
+    b = dataclasses.replace(a, run_dir="elsewhere", train=dataclasses.replace(a.train, log_every=1, stop_at=3))
+    assert resume_differences(a, b) == []
+    c = dataclasses.replace(a, model=dataclasses.replace(a.model, d_model=128))
+    assert resume_differences(a, c) == ["model.d_model: 256 -> 128"]
+
+
+def test_optimizer_choices_match_registry():
+    field = {f.name: f for f in dataclasses.fields(type(Config().optim))}["name"]
+    assert set(field.metadata["choices"]) == set(OPTIMIZERS)

@@ -1,0 +1,128 @@
+"""The real `keel train` entry point on a tiny config: train, resume, and refuse what would corrupt a run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from keel.cli import EXIT_CHECKPOINT, EXIT_CONFIG, main
+from keel.config import load_config
+from keel.train.events import read_events
+from keel.train.loop import load_params
+
+
+def _run_dir(args):
+    return Path(next(a.split("=", 1)[1] for a in args if a.startswith("run_dir=")))
+
+
+def _train(args, *extra):
+    return main(["train", "--no-progress", *args, *extra])
+
+
+def test_train_end_to_end(tiny_args, capsys):
+    assert _train(tiny_args, "train.steps=30", "train.eval_every=15", "optim.warmup_steps=3", "optim.lr=1e-2") == 0
+    out = capsys.readouterr().out
+    for words in ("held-out loss", "unigram entropy", "tokens seen", "wall time", "sample (greedy)"):
+        assert words in out
+    run = _run_dir(tiny_args)
+    assert (run / "tokenizer.json").exists() and (run / "config.yaml").exists()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in train_rows] == list(range(1, 31))
+    assert all(np.isfinite(m["loss"]) and m["tokens_per_s"] > 0 and m["mfu"] > 0 for m in train_rows)
+    heldout = [m for m in metrics if "heldout_loss" in m]
+    assert [m["step"] for m in heldout] == [15, 30]
+    first, last = (np.mean([m["loss"] for m in train_rows[s]]) for s in (slice(0, 5), slice(-5, None)))
+    assert last < first - 0.5, (first, last)
+    assert heldout[1]["heldout_loss"] < heldout[0]["heldout_loss"]
+    events = read_events(run / "events" / "host0000.jsonl")
+    kinds = [e["kind"] for e in events]
+    for k in ("start", "data_prepare", "init", "compile", "step", "checkpoint_save", "eval", "end"):
+        assert k in kinds, k
+    assert kinds.count("step") == 30
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 30 and summary["tokens_seen"] == 30 * 8 * 32
+    # the mesh spans all 8 fake devices, data parallel
+    assert jax.device_count() == 8
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny_args, tmp_path):
+    whole = [a for a in tiny_args if not a.startswith("run_dir=")] + [f"run_dir={tmp_path / 'whole'}"]
+    parts = [a for a in tiny_args if not a.startswith("run_dir=")] + [f"run_dir={tmp_path / 'parts'}"]
+    assert _train(whole) == 0
+    assert _train(parts, "train.stop_at=3") == 0
+    cfg = load_config("tiny", parts)
+    params_3, step = load_params(tmp_path / "parts", cfg)
+    assert step == 3
+    assert _train(parts) == 0  # the same command again: resumes at 3 and finishes
+    events = read_events(tmp_path / "parts" / "events" / "host0000.jsonl")
+    assert [e["step"] for e in events if e["kind"] == "checkpoint_restore"] == [3]
+    a, step_a = load_params(tmp_path / "whole", cfg)
+    b, step_b = load_params(tmp_path / "parts", cfg)
+    assert step_a == step_b == 6
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(params_3),
+                                                          strict=True))
+
+
+def test_resume_with_a_changed_config_is_refused(tiny_args, capsys):
+    assert _train(tiny_args, "train.stop_at=2") == 0
+    capsys.readouterr()
+    assert _train(tiny_args, "model.mlp_dim=96") == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "model.mlp_dim: 64 -> 96" in err and "--allow-config-change" in err
+    # observation-only keys may change
+    assert _train(tiny_args, "train.log_every=2") == 0
+
+
+def test_resume_with_changed_data_is_refused(tiny_args, small_corpus, tmp_path, capsys):
+    assert _train(tiny_args, "train.stop_at=2") == 0
+    run = _run_dir(tiny_args)
+    # Same config, different corpus content: the data fingerprint in the checkpoint no longer matches.
+    moved = tmp_path / "other"
+    moved.mkdir()
+    for f in sorted(Path(small_corpus).parent.glob("*.py"))[:-3]:
+        (moved / f.name).write_text(f.read_text())
+    (moved / "abc.py").write_text("x = 1\n" * 50)
+    args = [a for a in tiny_args if not a.startswith("data.corpus=")] + [f"data.corpus={moved}/*.py"]
+    capsys.readouterr()
+    assert _train(args, "--allow-config-change") == EXIT_CHECKPOINT
+    assert "corpus or tokenizer changed" in capsys.readouterr().err
+    assert (run / "checkpoints" / "2").exists()  # nothing was deleted
+
+
+def test_corrupt_checkpoint_names_the_path_and_keeps_it(tiny_args, capsys):
+    assert _train(tiny_args, "train.stop_at=4") == 0
+    run = _run_dir(tiny_args)
+    latest = run / "checkpoints" / "4"
+    for f in latest.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "state" in str(f) and not f.name.startswith("_"):
+            f.write_bytes(b"\0garbage" * 3)
+    capsys.readouterr()
+    assert _train(tiny_args) == EXIT_CHECKPOINT
+    err = capsys.readouterr().err
+    assert str(latest) in err and "resume from step 2" in err
+    assert latest.exists() and (run / "checkpoints" / "2").exists()
+
+
+def test_dry_run_counts_rnj1_through_the_console_entry_point():
+    out = subprocess.run([sys.executable, "-m", "keel", "train", "--config", "rnj1-8b", "--dry-run"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "8,322,035,712 (8.32B)" in out.stdout
+
+
+def test_config_error_exits_before_any_work(tmp_path, capsys):
+    assert main(["train", f"run_dir={tmp_path / 'r'}", "model.n_kv_heads=3"]) == EXIT_CONFIG
+    assert "model.n_kv_heads=3" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("mesh", [["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], ["mesh.data=1", "mesh.fsdp=-1"]])
+def test_other_meshes_train(tiny_args, mesh):
+    assert _train(tiny_args, *mesh, "train.steps=2", "optim.warmup_steps=1", "train.eval_every=2") == 0
