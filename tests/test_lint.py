@@ -12,5 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
                     reason="ruff not installed")
 def test_ruff_clean():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    out = subprocess.run([ruff, "check", "keel", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
+    paths = [p for p in ("keel", "tests", "benchmarks") if (ROOT / p).is_dir()]
+    out = subprocess.run([ruff, "check", *paths], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
