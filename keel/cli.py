@@ -23,13 +23,18 @@ def _human(n: float) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config or ["tiny"], args.overrides)
     if args.dry_run:
         return dry_run(cfg)
+    from keel.parallel.distributed import DistributedArgs, initialize
     from keel.train.loop import train  # jax and friends load only once the config is known to be good
 
+    initialize(DistributedArgs(args.coordinator, args.num_processes, args.process_id, args.distributed == "auto"))
     summary = train(cfg, progress=not args.no_progress, allow_config_change=args.allow_config_change)
-    print(summary.table())
+    import jax
+
+    if jax.process_index() == 0:
+        print(summary.table())
     return EXIT_PREEMPTED if summary.stopped_early and summary.step < (cfg.train.stop_at or cfg.train.steps) \
         else 0
 
@@ -63,14 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model (default: the tiny model on the Python standard library)",
                        description="Train a model. Running it again on the same run_dir resumes the run.")
-    t.add_argument("--config", default="tiny",
-                   help=f"a preset ({', '.join(preset_names())}) or a YAML file (default: tiny)")
+    t.add_argument("--config", action="append",
+                   help=f"a preset ({', '.join(preset_names())}) or a YAML file; repeat to layer them, "
+                        "e.g. --config tiny --config fsdp (default: tiny)")
     t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.steps=100")
     t.add_argument("--dry-run", action="store_true",
                    help="print parameter count, state size and FLOPs from abstract shapes; allocate nothing")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--allow-config-change", action="store_true",
                    help="resume a run directory although its saved config differs")
+    d = t.add_argument_group("multi-host (default: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
+    d.add_argument("--coordinator", help="host:port of process 0")
+    d.add_argument("--num-processes", type=int, help="processes in the job (one per host)")
+    d.add_argument("--process-id", type=int, help="this process's index")
+    d.add_argument("--distributed", choices=["auto"], help="auto: let JAX detect the cluster (SLURM, MPI, TPU)")
     return parser
 
 

@@ -65,7 +65,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = choices("adamw", default="adamw")
+    name: str = choices("adamw", "muon", default="adamw")
     lr: float = 3e-3
     min_lr_ratio: float = 0.0
     warmup_steps: int = 25
@@ -76,6 +76,15 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    # Muon, for the hidden matrices of each layer when name=muon (the rest gets AdamW with the keys above).
+    muon_beta: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    muon_ns_coeffs: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+    # "adamw_rms": 0.2 * sqrt(max(in, out)), so optim.lr and weight_decay carry over from AdamW;
+    # "shape": sqrt(max(1, out / in)), which wants a larger lr (~0.02).
+    muon_scaling: str = choices("adamw_rms", "shape", default="adamw_rms")
+    muon_strategy: str = choices("layer_sharded", "gathered", default="layer_sharded")
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,11 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict) -> Any:
         value = str(value) if tp is str else yaml.safe_load(value) if value.strip() else ""
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, t, {}) for i, (v, t) in enumerate(zip(value, args, strict=True)))
     if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
         with contextlib.suppress(ValueError):
             value = float(value)
@@ -178,7 +192,14 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Plain YAML/JSON-safe data: tuples become lists."""
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return [plain(v) for v in x] if isinstance(x, list | tuple) else x
+
+    return plain(dataclasses.asdict(cfg))
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -219,8 +240,11 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     return data
 
 
-def load_config(preset: str = "tiny", overrides: typing.Sequence[str] = ()) -> Config:
-    data = load_preset(preset)
+def load_config(preset: str | typing.Sequence[str] = "tiny", overrides: typing.Sequence[str] = ()) -> Config:
+    """Presets (later ones override earlier ones, e.g. ["tiny", "fsdp"]), then `key=value` overrides."""
+    data: dict[str, Any] = {}
+    for name in [preset] if isinstance(preset, str) else preset:
+        data = _merge(data, load_preset(name))
     for o in overrides:
         data = _merge(data, parse_override(o))
     return validate(_build(Config, data, ""))
@@ -237,7 +261,7 @@ def validate(cfg: Config) -> Config:
         "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads, "model.head_dim": m.head_dim,
         "model.mlp_dim": m.mlp_dim, "model.global_every": m.global_every, "data.seq_len": d.seq_len,
         "train.steps": t.steps, "train.batch_size": t.batch_size, "train.log_every": t.log_every,
-        "train.eval_every": t.eval_every, "train.eval_batches": t.eval_batches,
+        "train.eval_every": t.eval_every, "train.eval_batches": t.eval_batches, "optim.muon_ns_steps": o.muon_ns_steps,
         "checkpoint.every": c.every, "checkpoint.keep": c.keep,
     }
     for key, value in positive.items():
@@ -259,7 +283,8 @@ def validate(cfg: Config) -> Config:
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
     for key, value in {"data.heldout_fraction": d.heldout_fraction, "optim.decay_fraction": o.decay_fraction,
-                       "optim.min_lr_ratio": o.min_lr_ratio, "optim.b1": o.b1, "optim.b2": o.b2}.items():
+                       "optim.min_lr_ratio": o.min_lr_ratio, "optim.b1": o.b1, "optim.b2": o.b2,
+                       "optim.muon_beta": o.muon_beta}.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}={value} must be in [0, 1]")
     if not 0.0 < d.heldout_fraction < 1.0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import queue
 import threading
@@ -27,6 +28,7 @@ from tokenizers import Tokenizer
 from keel.config import Config, ConfigError
 from keel.data.corpus import Document, load_corpus
 from keel.data.tokenizer import load_tokenizer, special_ids, tokenizer_hash, train_bpe
+from keel.io import atomic_write
 
 Batch = dict[str, np.ndarray]
 
@@ -126,10 +128,7 @@ class DataSource:
             log(f"data: trained a byte-level BPE of {tok.get_vocab_size()} tokens in {time.perf_counter() - t0:.1f}s")
         special_ids(tok)
         if not saved.exists():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = saved.with_suffix(".tmp")
-            tok.save(str(tmp))
-            tmp.replace(saved)
+            atomic_write(saved, tok.to_str(pretty=True))
         return tok
 
     def _stream(self, prefix: Path, docs: list[Document]) -> TokenStream:
@@ -137,12 +136,10 @@ class DataSource:
         if tok_path.exists() and start_path.exists():
             return TokenStream(np.load(tok_path, mmap_mode="r"), np.load(start_path))
         stream = tokenize(self.tokenizer, docs, self.bos_id, self.eos_id)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
         for path, arr in ((tok_path, stream.tokens), (start_path, stream.doc_starts)):
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
-            tmp.replace(path)  # atomic: a half-written cache never looks complete
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            atomic_write(path, buf.getvalue())  # a half-written cache never looks complete
         return stream
 
     @functools.lru_cache(maxsize=4)  # noqa: B019 - one DataSource per run; epochs are few

@@ -6,12 +6,12 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from keel.config import ModelConfig
 from keel.model.transformer import Params, forward
 
 
-@partial(jax.jit, static_argnames=("cfg", "n_prompt"))
 def _greedy(params: Params, tokens_1T: jax.Array, cfg: ModelConfig, n_prompt: int) -> jax.Array:
     T = tokens_1T.shape[1]
     segment_ids_1T = jnp.ones_like(tokens_1T)
@@ -26,11 +26,13 @@ def _greedy(params: Params, tokens_1T: jax.Array, cfg: ModelConfig, n_prompt: in
 
 
 def greedy_sample(params: Params, prompt_ids: list[int], n_new: int, cfg: ModelConfig,
-                  stop_id: int | None = None) -> list[int]:
-    """The prompt's greedy continuation of `n_new` tokens, cut at `stop_id`."""
-    tokens = jnp.zeros((1, len(prompt_ids) + n_new), jnp.int32).at[0, : len(prompt_ids)].set(
-        jnp.asarray(prompt_ids, jnp.int32))
-    out = jax.device_get(_greedy(params, tokens, cfg, len(prompt_ids)))[0, len(prompt_ids):].tolist()
+                  stop_id: int | None = None, out_sharding: jax.sharding.Sharding | None = None) -> list[int]:
+    """The prompt's greedy continuation of `n_new` tokens, cut at `stop_id`. On a multi-host mesh pass a
+    replicated `out_sharding`, so that every process can read the result."""
+    tokens = np.zeros((1, len(prompt_ids) + n_new), np.int32)
+    tokens[0, : len(prompt_ids)] = prompt_ids
+    run = jax.jit(partial(_greedy, cfg=cfg, n_prompt=len(prompt_ids)), out_shardings=out_sharding)
+    out = np.asarray(run(params, tokens))[0, len(prompt_ids):].tolist()
     if stop_id is not None and stop_id in out:
         out = out[: out.index(stop_id)]
     return out

@@ -1,37 +1,99 @@
-"""Optimizers by name. Each builder takes the run config and returns (optax transformation, schedule).
+"""Optimizers by name. Each builder takes the run config (and, on a mesh, the parameter shardings) and returns
+(optax transformation, learning-rate schedule).
 
 Weight decay applies to matrices only (ndim >= 2); norm scales and other vectors are not decayed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax
+from jax.sharding import Mesh
 
-from keel.config import Config
+from keel.config import Config, ModelConfig
+from keel.model.transformer import ParamSpec, param_specs
+from keel.optim.muon import MatrixView, muon
 from keel.optim.schedules import wsd
+
+Builder = Callable[[Config, Any, Mesh | None], tuple[optax.GradientTransformation, optax.Schedule]]
 
 
 def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def adamw(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def _schedule(cfg: Config) -> optax.Schedule:
     o = cfg.optim
-    schedule = wsd(o.lr, cfg.train.steps, o.warmup_steps, o.decay_fraction, o.min_lr_ratio)
-    tx = optax.chain(
-        optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
-        optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask),
+    return wsd(o.lr, cfg.train.steps, o.warmup_steps, o.decay_fraction, o.min_lr_ratio)
+
+
+def _adamw(cfg: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    o = cfg.optim
+    return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
+
+
+def _clipped(cfg: Config, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    clip = cfg.optim.grad_clip
+    return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
+
+
+def adamw(cfg: Config, shardings: Any = None, mesh: Mesh | None = None):
+    schedule = _schedule(cfg)
+    return _clipped(cfg, _adamw(cfg, schedule)), schedule
+
+
+def muon_views(model: ModelConfig, shardings: Any = None) -> dict[str, MatrixView]:
+    """The Muon side of the partition: every per-layer stacked matrix (leading `layers` axis, at least two
+    more dims), keyed by parameter path. Embeddings (and a tied output), norms and vectors are not in it."""
+    specs = param_specs(model)
+    flat_shardings = dict(jax.tree_util.tree_flatten_with_path(shardings)[0]) if shardings is not None else {}
+    by_path = {jax.tree_util.keystr(p): s for p, s in flat_shardings.items()}
+    views = {}
+    for path, spec in jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, ParamSpec))[0]:
+        if spec.logical[0] == "layers" and len(spec.shape) >= 3:
+            n_in = next(k for k in range(1, len(spec.shape)) if math.prod(spec.shape[1 : 1 + k]) == spec.fan_in)
+            key = jax.tree_util.keystr(path)
+            views[key] = MatrixView(n_in, by_path.get(key))
+    return views
+
+
+def muon_labels(model: ModelConfig) -> Any:
+    views = muon_views(model)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: "muon" if jax.tree_util.keystr(p) in views else "adamw",
+        param_specs(model), is_leaf=lambda x: isinstance(x, ParamSpec))
+
+
+def describe_partition(model: ModelConfig) -> str:
+    views = muon_views(model)
+    specs = jax.tree_util.tree_flatten_with_path(param_specs(model), is_leaf=lambda x: isinstance(x, ParamSpec))[0]
+    rows = {"muon": [], "adamw": []}
+    for path, spec in specs:
+        key = jax.tree_util.keystr(path)
+        rows["muon" if key in views else "adamw"].append(f"{key}{list(spec.shape)}")
+    return "\n".join(f"  {name:5s} ({len(r)}): {', '.join(r)}" for name, r in rows.items())
+
+
+def muon_with_adamw(cfg: Config, shardings: Any = None, mesh: Mesh | None = None):
+    o = cfg.optim
+    schedule = _schedule(cfg)
+    muon_tx = muon(
+        schedule, muon_views(cfg.model, shardings), weight_decay=o.weight_decay, beta=o.muon_beta,
+        ns_steps=o.muon_ns_steps, ns_coeffs=o.muon_ns_coeffs, nesterov=o.muon_nesterov,
+        scaling=o.muon_scaling, strategy=o.muon_strategy, mesh=mesh,
     )
-    return tx, schedule
+    tx = optax.multi_transform({"muon": muon_tx, "adamw": _adamw(cfg, schedule)}, muon_labels(cfg.model))
+    return _clipped(cfg, tx), schedule
 
 
-OPTIMIZERS: dict[str, Callable[[Config], tuple[optax.GradientTransformation, optax.Schedule]]] = {
-    "adamw": adamw,
-}
+OPTIMIZERS: dict[str, Builder] = {"adamw": adamw, "muon": muon_with_adamw}
 
 
-def build_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    return OPTIMIZERS[cfg.optim.name](cfg)
+def build_optimizer(cfg: Config, shardings: Any = None,
+                    mesh: Mesh | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """`shardings`: the parameters' shardings on `mesh` (None off a mesh, e.g. for abstract shapes)."""
+    return OPTIMIZERS[cfg.optim.name](cfg, shardings, mesh)

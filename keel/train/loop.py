@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,10 @@ from tqdm import tqdm
 
 from keel.config import Config, ConfigError, dump_yaml, fingerprint, from_dict, resume_differences
 from keel.data.loader import Batch, DataSource, Prefetcher
+from keel.io import atomic_write
 from keel.model import transformer
 from keel.model.sampling import greedy_sample
-from keel.optim.optimizers import build_optimizer
+from keel.optim.optimizers import build_optimizer, describe_partition
 from keel.parallel.sharding import Sharder, make_mesh, shard_like
 from keel.train.checkpoint import Checkpointer, CheckpointError
 from keel.train.events import EventLog
@@ -87,10 +89,8 @@ def _check_run_dir(cfg: Config, run_dir: Path, allow_config_change: bool) -> Non
                 + "\n  ".join(diffs)
                 + "\nuse a new run_dir, or pass --allow-config-change to resume anyway"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = saved_path.with_suffix(".tmp")
-    tmp.write_text(dump_yaml(cfg))
-    tmp.replace(saved_path)
+    if jax.process_index() == 0:
+        atomic_write(saved_path, dump_yaml(cfg))
 
 
 def state_init_fn(cfg: Config, tx: optax.GradientTransformation) -> Callable[[jax.Array], State]:
@@ -140,7 +140,8 @@ class _StopSignal:
 
 
 def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = True,
-          allow_config_change: bool = False) -> Summary:
+          allow_config_change: bool = False, devices: Sequence[jax.Device] | None = None) -> Summary:
+    """Train (or resume) the run `cfg` describes. `devices`: the mesh's devices (default: all)."""
     t_start = time.monotonic()
     run_dir = Path(cfg.run_dir).resolve()
     _check_run_dir(cfg, run_dir, allow_config_change)
@@ -149,7 +150,7 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = T
     events.emit("start", run_fingerprint=fingerprint(cfg), devices=jax.device_count(),
                 backend=jax.default_backend())
     try:
-        return _train(cfg, run_dir, events, host, n_hosts, t_start, log, progress)
+        return _train(cfg, run_dir, events, host, n_hosts, t_start, log, progress, devices)
     except BaseException as e:
         events.emit("failure", error=f"{type(e).__name__}: {e}")
         raise
@@ -158,13 +159,15 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = T
 
 
 def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int, t_start: float,
-           log: Callable[[str], None], progress: bool) -> Summary:
+           log: Callable[[str], None], progress: bool, devices: Sequence[jax.Device] | None) -> Summary:
     with events.span("data_prepare"):
         data = DataSource(cfg, run_dir, log)
-    mesh = make_mesh(cfg.mesh)
+    mesh = make_mesh(cfg.mesh, devices)
     sharder = Sharder(mesh)
-    tx, schedule = build_optimizer(cfg)
     param_shardings = sharder.tree(transformer.abstract_params(cfg.model), transformer.logical_axes(cfg.model))
+    tx, schedule = build_optimizer(cfg, param_shardings, mesh)
+    if cfg.optim.name == "muon":
+        log(f"optimizer partition (Muon strategy {cfg.optim.muon_strategy}):\n{describe_partition(cfg.model)}")
 
     init_state = state_init_fn(cfg, tx)
     key = jax.random.key(cfg.train.seed)
@@ -205,7 +208,7 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int
         donate_argnums=0,
     )
     eval_fn = jax.jit(lambda p, b: transformer.loss_fn(p, b, cfg.model, sharder),
-                      in_shardings=(param_shardings, batch_sharding))
+                      in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
 
     def to_device(batch: Batch) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
@@ -229,7 +232,9 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int
     flops_per_step = transformer.model_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
     log(f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
 
-    metrics_file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in the finally below
+    # Host 0 writes the run's metrics; every host writes its own events.
+    metrics_path = run_dir / "metrics.jsonl" if host == 0 else Path(os.devnull)
+    metrics_file = open(metrics_path, "a", buffering=1)  # noqa: SIM115 - closed in the finally below
     train_loss = float("nan")
     last_eval = float("nan")
     stopped_early = False
@@ -243,6 +248,8 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int
             t0 = time.perf_counter()
             step_fn = step_fn.lower(state, to_device(data.host_batch(start, host, n_hosts))).compile()
             ev["seconds"] = time.perf_counter() - t0
+            ev["param_shardings"] = {jax.tree_util.keystr(p): str(s.spec) for p, s in
+                                     jax.tree_util.tree_flatten_with_path(step_fn.output_shardings[0]["params"])[0]}
         log(f"compiled the train step in {ev['seconds']:.1f}s")
     prefetch = Prefetcher(data, start, stop, host, n_hosts)
     bar = tqdm(total=steps, initial=start, disable=not progress or host != 0, unit="step",
@@ -295,11 +302,12 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int
     end_step = int(state["step"])
     stopped_early = stopped_early or end_step < steps
     last_eval = heldout_loss(state["params"])
-    with open(run_dir / "metrics.jsonl", "a") as f:
+    with open(metrics_path, "a") as f:
         f.write(json.dumps({"step": end_step, "heldout_loss": last_eval}) + "\n")
     tok = data.tokenizer
     prompt = [data.bos_id] + tok.encode(cfg.train.sample_prompt, add_special_tokens=False).ids
-    sample_ids = greedy_sample(state["params"], prompt, cfg.train.sample_tokens, cfg.model, data.eos_id)
+    sample_ids = greedy_sample(state["params"], prompt, cfg.train.sample_tokens, cfg.model, data.eos_id,
+                               out_sharding=replicated)
     sample = cfg.train.sample_prompt + tok.decode(sample_ids)
     summary = Summary(
         run_dir=str(run_dir), start_step=start, step=end_step, steps=steps,
@@ -308,8 +316,9 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int
         wall_s=time.monotonic() - t_start, sample=sample, stopped_early=stopped_early,
     )
     events.emit("end", step=end_step, heldout_loss=last_eval, stopped_early=stopped_early)
-    (run_dir / "summary.json").write_text(json.dumps(summary.__dict__ | {"below_unigram": summary.below_unigram},
-                                                     indent=1))
+    if host == 0:
+        atomic_write(run_dir / "summary.json",
+                     json.dumps(summary.__dict__ | {"below_unigram": summary.below_unigram}, indent=1))
     return summary
 
 

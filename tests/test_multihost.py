@@ -1,0 +1,52 @@
+"""Two `keel train` processes on localhost (CPU collectives through gloo) train exactly like one process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from keel.cli import main
+from tests.conftest import TINY
+
+ARGS = ["train.steps=4", "train.eval_every=4", "optim.warmup_steps=1", "checkpoint.every=2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(run_dir: Path) -> tuple[list[float], list[float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], [r["heldout_loss"] for r in rows if "heldout_loss" in r]
+
+
+def test_two_processes_equal_one(small_corpus, tmp_path):
+    common = [*TINY, *ARGS, f"data.corpus={small_corpus}"]
+    assert main(["train", "--no-progress", *common, f"run_dir={tmp_path / 'one'}"]) == 0
+
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
+    root = Path(__file__).resolve().parents[1]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "keel", "train", "--no-progress", *common,
+                          f"run_dir={tmp_path / 'two'}"], cwd=root, env=dict(env, JAX_PROCESS_ID=str(i)),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    assert "held-out loss" in outs[0] and "held-out loss" not in outs[1]  # host 0 reports
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    np.testing.assert_allclose(two[0], one[0], rtol=2e-5)
+    np.testing.assert_allclose(two[1], one[1], rtol=2e-5)
+    events = sorted(p.name for p in (tmp_path / "two" / "events").iterdir())
+    assert events == ["host0000.jsonl", "host0001.jsonl"]
+    assert (tmp_path / "two" / "checkpoints" / "4").exists()
