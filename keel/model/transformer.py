@@ -70,6 +70,12 @@ def _is_spec(x: Any) -> bool:
     return isinstance(x, ParamSpec)
 
 
+def named_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """Every parameter's spec keyed by its path as `jax.tree_util.keystr` writes it (e.g. "['layers']['wq']")."""
+    flat = jax.tree_util.tree_flatten_with_path(param_specs(cfg), is_leaf=_is_spec)[0]
+    return {jax.tree_util.keystr(path): spec for path, spec in flat}
+
+
 def logical_axes(cfg: ModelConfig) -> dict[str, Any]:
     return jax.tree.map(lambda s: s.logical, param_specs(cfg), is_leaf=_is_spec)
 

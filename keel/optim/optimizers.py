@@ -15,7 +15,7 @@ import optax
 from jax.sharding import Mesh
 
 from keel.config import Config, ModelConfig
-from keel.model.transformer import ParamSpec, param_specs
+from keel.model.transformer import ParamSpec, named_specs, param_specs
 from keel.optim.muon import MatrixView, muon
 from keel.optim.schedules import wsd
 
@@ -49,15 +49,13 @@ def adamw(cfg: Config, shardings: Any = None, mesh: Mesh | None = None):
 def muon_views(model: ModelConfig, shardings: Any = None) -> dict[str, MatrixView]:
     """The Muon side of the partition: every per-layer stacked matrix (leading `layers` axis, at least two
     more dims), keyed by parameter path. Embeddings (and a tied output), norms and vectors are not in it."""
-    specs = param_specs(model)
-    flat_shardings = dict(jax.tree_util.tree_flatten_with_path(shardings)[0]) if shardings is not None else {}
-    by_path = {jax.tree_util.keystr(p): s for p, s in flat_shardings.items()}
+    flat = jax.tree_util.tree_flatten_with_path(shardings)[0] if shardings is not None else []
+    sharding_of = {jax.tree_util.keystr(p): s for p, s in flat}
     views = {}
-    for path, spec in jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, ParamSpec))[0]:
+    for key, spec in named_specs(model).items():
         if spec.logical[0] == "layers" and len(spec.shape) >= 3:
             n_in = next(k for k in range(1, len(spec.shape)) if math.prod(spec.shape[1 : 1 + k]) == spec.fan_in)
-            key = jax.tree_util.keystr(path)
-            views[key] = MatrixView(n_in, by_path.get(key))
+            views[key] = MatrixView(n_in, sharding_of.get(key))
     return views
 
 
@@ -70,10 +68,8 @@ def muon_labels(model: ModelConfig) -> Any:
 
 def describe_partition(model: ModelConfig) -> str:
     views = muon_views(model)
-    specs = jax.tree_util.tree_flatten_with_path(param_specs(model), is_leaf=lambda x: isinstance(x, ParamSpec))[0]
     rows = {"muon": [], "adamw": []}
-    for path, spec in specs:
-        key = jax.tree_util.keystr(path)
+    for key, spec in named_specs(model).items():
         rows["muon" if key in views else "adamw"].append(f"{key}{list(spec.shape)}")
     return "\n".join(f"  {name:5s} ({len(r)}): {', '.join(r)}" for name, r in rows.items())
 
