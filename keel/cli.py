@@ -11,6 +11,7 @@ from keel.config import ConfigError, load_config, preset_names
 
 EXIT_CONFIG = 2
 EXIT_CHECKPOINT = 3
+EXIT_DATA = 4
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the launcher should restart the job, which then resumes
 
 
@@ -60,7 +61,13 @@ def dry_run(cfg) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": cmd_train}
+def cmd_data(args: argparse.Namespace) -> int:
+    from keel.data import commands
+
+    return commands.run(args)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": cmd_train, "data": cmd_data}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,11 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-processes", type=int, help="processes in the job (one per host)")
     d.add_argument("--process-id", type=int, help="this process's index")
     d.add_argument("--distributed", choices=["auto"], help="auto: let JAX detect the cluster (SLURM, MPI, TPU)")
+    from keel.data import commands as data_commands
+
+    data_commands.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from keel.data.store import DataError
     from keel.train.checkpoint import CheckpointError
 
     try:
@@ -94,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"keel: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except DataError as e:
+        print(f"keel: data error: {e}", file=sys.stderr)
+        return EXIT_DATA
     except CheckpointError as e:
         print(f"keel: checkpoint error: {e}", file=sys.stderr)
         return EXIT_CHECKPOINT

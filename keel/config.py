@@ -54,13 +54,40 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    name: str = ""
+    # A token store written by `keel data build` (a directory with manifest.json).
+    path: str = ""
+    weight: float = 1.0
+    # Stop with a clear error before a batch would start this source's epoch number max_epochs + 1; 0: no limit.
+    max_epochs: float = 0.0
+
+
+@dataclass(frozen=True)
+class MixtureChange:
+    # From this step on, the sources have these weights (by name; unnamed sources get 0).
+    step: int = 0
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    # "stdlib": the running interpreter's standard library sources; otherwise a glob of text files.
+    # Without `sources`: one source built by `keel data build` into the run directory from this corpus:
+    # "stdlib" (the running interpreter's standard library sources) or globs of .txt/.jsonl(.gz/.zst)/.parquet.
     corpus: str = "stdlib"
     # Path to a HF tokenizer.json; empty: train a byte-level BPE of model.vocab_size on the corpus.
     tokenizer: str = ""
+    text_field: str = "text"
     seq_len: int = 128
     heldout_fraction: float = 0.02
+    # A mixture of prebuilt stores (each with a held-out split); replaces `corpus`.
+    sources: tuple[SourceConfig, ...] = ()
+    mixture_schedule: tuple[MixtureChange, ...] = ()
+    # Steps not trained on, e.g. ["1200-1250", 1300]: their batches are skipped, all other batches unchanged.
+    skip_steps: tuple[str, ...] = ()
+    seed: int = 0
+    # Host batches prepared ahead of the train step by a background thread.
+    prefetch: int = 4
 
 
 @dataclass(frozen=True)
@@ -108,7 +135,7 @@ class TrainConfig:
     stop_at: int = 0
     sample_tokens: int = 64
     # No trailing space: byte-level BPE attaches spaces to the following word.
-    sample_prompt: str = "class"
+    sample_prompt: str = "class Foo"
 
 
 @dataclass(frozen=True)
@@ -130,9 +157,10 @@ class Config:
 
 
 # Keys that may differ when a run resumes: they change how the run is observed, not what it computes.
+# (data.skip_steps is checked separately: only the part of it before the checkpoint's step must agree.)
 RESUMABLE_KEYS = frozenset({
-    "run_dir", "train.log_every", "train.stop_at", "train.sample_tokens", "train.sample_prompt",
-    "checkpoint.every", "checkpoint.keep", "checkpoint.async_save",
+    "run_dir", "data.skip_steps", "data.prefetch", "train.log_every", "train.stop_at", "train.sample_tokens",
+    "train.sample_prompt", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save",
 })
 
 
@@ -152,8 +180,23 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict) -> Any:
         value = str(value) if tp is str else yaml.safe_load(value) if value.strip() else ""
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if tp is str and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{key}.")
+    if typing.get_origin(tp) is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(f"{key}", k, kt, {}): _coerce(f"{key}.{k}", v, vt, {}) for k, v in value.items()}
     if typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            if value in ("", None):
+                value = []
+            if not isinstance(value, list | tuple):
+                value = [value]
+            return tuple(_coerce(f"{key}[{i}]", v, args[0], {}) for i, v in enumerate(value))
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
         return tuple(_coerce(f"{key}[{i}]", v, t, {}) for i, (v, t) in enumerate(zip(value, args, strict=True)))
@@ -183,11 +226,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{key}.")
-        else:
-            kwargs[name] = _coerce(key, value, tp, dict(fields[name].metadata))
+        kwargs[name] = _coerce(f"{prefix}{name}", value, tp, dict(fields[name].metadata))
     return cls(**kwargs)
 
 
@@ -294,12 +333,46 @@ def validate(cfg: Config) -> Config:
             f"optim.warmup_steps={o.warmup_steps} plus the decay phase "
             f"(optim.decay_fraction={o.decay_fraction} of train.steps={t.steps}) exceeds train.steps"
         )
+    _validate_data(d)
     if t.stop_at > t.steps:
         raise ConfigError(f"train.stop_at={t.stop_at} must be <= train.steps={t.steps}")
     sizes = {"mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp, "mesh.tensor": cfg.mesh.tensor}
     if sum(v == -1 for v in sizes.values()) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
         raise ConfigError(f"mesh sizes {sizes}: each must be >= 1, and at most one may be -1 (fill)")
     return cfg
+
+
+def _validate_data(d: DataConfig) -> None:
+    names = [src.name for src in d.sources]
+    for i, src in enumerate(d.sources):
+        if not src.name or not src.path:
+            raise ConfigError(f"data.sources[{i}]: needs a name and a path (a store from keel data build)")
+        if src.weight < 0 or src.max_epochs < 0:
+            raise ConfigError(f"data.sources[{i}] ({src.name}): weight and max_epochs must be >= 0")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.sources: names must be unique, got {names}")
+    if d.sources and sum(src.weight for src in d.sources) <= 0:
+        raise ConfigError("data.sources: the weights must have a positive sum")
+    if d.mixture_schedule and not d.sources:
+        raise ConfigError("data.mixture_schedule needs data.sources")
+    last = 0
+    for i, ch in enumerate(d.mixture_schedule):
+        if ch.step <= last:
+            raise ConfigError(f"data.mixture_schedule[{i}].step={ch.step}: steps must increase and be > 0")
+        last = ch.step
+        unknown = sorted(set(ch.weights) - set(names))
+        if unknown:
+            raise ConfigError(f"data.mixture_schedule[{i}].weights: unknown source {unknown[0]!r}; sources: {names}")
+        if any(w < 0 for w in ch.weights.values()) or sum(ch.weights.values()) <= 0:
+            raise ConfigError(f"data.mixture_schedule[{i}].weights must be >= 0 with a positive sum")
+    from keel.data.order import SkipList
+
+    try:
+        SkipList(d.skip_steps)
+    except ValueError as e:
+        raise ConfigError(f"data.skip_steps: {e}") from None
+    if d.prefetch < 1:
+        raise ConfigError(f"data.prefetch={d.prefetch} must be >= 1")
 
 
 def fingerprint(cfg: Any) -> str:
@@ -313,6 +386,10 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     for k, v in d.items():
         if isinstance(v, dict):
             out.update(flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            out[f"{prefix}{k}#"] = len(v)
+            for i, x in enumerate(v):
+                out.update(flatten(x, f"{prefix}{k}[{i}]."))
         else:
             out[f"{prefix}{k}"] = v
     return out

@@ -1,6 +1,7 @@
 """The real `keel train` entry point on a tiny config: train, resume, and refuse what would corrupt a run."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,20 +81,34 @@ def test_resume_with_a_changed_config_is_refused(tiny_args, capsys):
     assert _train(tiny_args, "train.log_every=2") == 0
 
 
-def test_resume_with_changed_data_is_refused(tiny_args, small_corpus, tmp_path, capsys):
-    assert _train(tiny_args, "train.stop_at=2") == 0
+def test_resume_with_changed_data_says_what_changed(tiny_args, small_corpus, tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(Path(small_corpus).parent, corpus)
+    args = [a for a in tiny_args if not a.startswith("data.corpus=")] + [f"data.corpus={corpus}/*.py"]
+    assert _train(args, "train.stop_at=2") == 0
     run = _run_dir(tiny_args)
-    # Same config, different corpus content: the data fingerprint in the checkpoint no longer matches.
-    moved = tmp_path / "other"
-    moved.mkdir()
-    for f in sorted(Path(small_corpus).parent.glob("*.py"))[:-3]:
-        (moved / f.name).write_text(f.read_text())
-    (moved / "abc.py").write_text("x = 1\n" * 50)
-    args = [a for a in tiny_args if not a.startswith("data.corpus=")] + [f"data.corpus={moved}/*.py"]
+    # Same config, different corpus content: the store's fingerprint in the checkpoint no longer matches.
+    (corpus / "abc.py").write_text("x = 1\n" * 50)
     capsys.readouterr()
-    assert _train(args, "--allow-config-change") == EXIT_CHECKPOINT
-    assert "corpus or tokenizer changed" in capsys.readouterr().err
+    assert _train(args) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "data sources.corpus.store:" in err and "--allow-config-change" in err
     assert (run / "checkpoints" / "2").exists()  # nothing was deleted
+    assert _train(args, "--allow-config-change") == 0
+
+
+def test_skip_list_skips_steps_and_guards_trained_ones(tiny_args, capsys):
+    assert _train(tiny_args, "train.stop_at=2") == 0
+    capsys.readouterr()
+    assert _train(tiny_args, "data.skip_steps=[0-1]") == EXIT_CONFIG
+    assert "steps already trained" in capsys.readouterr().err
+    assert _train(tiny_args, "data.skip_steps=[3-4]") == 0
+    run = _run_dir(tiny_args)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 6]
+    skips = [e for e in read_events(run / "events" / "host0000.jsonl") if e["kind"] == "data_skip"]
+    assert [(e["start"], e["stop"]) for e in skips] == [(3, 5)]
 
 
 def test_corrupt_checkpoint_names_the_path_and_keeps_it(tiny_args, capsys):

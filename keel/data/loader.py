@@ -1,24 +1,25 @@
 """Training data behind one interface: `DataSource.global_batch(step)`.
 
-The batch at step N is a pure function of (data config, tokenizer, seed, N): the token stream is cut into
-windows of seq_len + 1 tokens (neighbours overlap by one token so no transition is lost), each epoch visits
-the windows in a fresh seeded permutation, and global sample g = step * batch + row is window
-perm(g // W)[g % W]. Restarts, prefetch depth and host count never change it; a host takes its rows.
+The batch at step N is a pure function of (data config, seed, N) — see `keel.data.order` for the math:
+a mixture of sources (token stores), exact rows per source in every batch, a keyed O(1)-memory shuffle of each
+source's sequences per epoch, and the rows of sources shuffled inside the batch. Restarts, prefetch depth and
+host count never change it; host h of H takes rows [h B/H, (h+1) B/H).
 
-Documents are packed: every document is `<bos> text <eos>`, segment ids and positions restart at each
-document, and the loss mask drops the one target per boundary that would cross into the next document.
+A host batch is {"tokens": (rows, seq_len + 1) uint16/uint32, "first_position": (rows,) int32}; the train step
+expands it into inputs, targets, segment ids, positions and loss mask (`keel.data.pack.expand`).
 """
 
 from __future__ import annotations
 
-import functools
+import glob
 import hashlib
-import io
+import itertools
 import json
+import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,169 +27,250 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from keel.config import Config, ConfigError
-from keel.data.corpus import Document, load_corpus
-from keel.data.tokenizer import load_tokenizer, special_ids, tokenizer_hash, train_bpe
+from keel.data.corpus import stdlib_files
+from keel.data.order import MixturePlan, Rows, SampleOrder, SkipList
+from keel.data.pack import Batch
+from keel.data.store import BuildSpec, DataError, Split, TokenSpace, TokenStore, build_store
+from keel.data.tokenizer import load_tokenizer, tokenizer_hash
 from keel.io import atomic_write
 
-Batch = dict[str, np.ndarray]
+ORDER_VERSION = 2
 
 
 @dataclass(frozen=True)
-class TokenStream:
-    tokens: np.ndarray  # uint16 or uint32, all documents concatenated
-    doc_starts: np.ndarray  # int64, start offset of each document in `tokens`
+class Source:
+    name: str
+    store: TokenStore
+    weight: float
+    max_epochs: float
 
     @property
-    def n_tokens(self) -> int:
-        return int(self.tokens.shape[0])
-
-    def windows(self, seq_len: int) -> int:
-        return max(0, (self.n_tokens - 1) // seq_len)
-
-    def gather(self, window_ids: np.ndarray, seq_len: int) -> Batch:
-        """The packed rows for the given windows: inputs/targets/segment_ids/positions/loss_mask, each (B, S)."""
-        idx_BT = window_ids[:, None].astype(np.int64) * seq_len + np.arange(seq_len + 1)
-        tok_BT = self.tokens[idx_BT].astype(np.int32)
-        doc_BT = np.searchsorted(self.doc_starts, idx_BT, side="right") - 1
-        inputs_doc = doc_BT[:, :-1]
-        return {
-            "inputs": tok_BT[:, :-1],
-            "targets": tok_BT[:, 1:],
-            "segment_ids": (inputs_doc - inputs_doc[:, :1] + 1).astype(np.int32),
-            "positions": (idx_BT[:, :-1] - self.doc_starts[inputs_doc]).astype(np.int32),
-            "loss_mask": (inputs_doc == doc_BT[:, 1:]).astype(np.int32),
-        }
-
-    def unigram_entropy(self) -> float:
-        """Entropy (nats) of the corpus's unigram token distribution: the loss of the best context-free model."""
-        counts = np.bincount(self.tokens)
-        p = counts[counts > 0] / counts.sum()
-        return float(-(p * np.log(p)).sum())
+    def train(self) -> Split:
+        return self.store.split("train")
 
 
-def tokenize(tok: Tokenizer, docs: list[Document], bos: int, eos: int) -> TokenStream:
-    encoded = tok.encode_batch([d.text for d in docs], add_special_tokens=False)
-    lengths = np.array([len(e.ids) + 2 for e in encoded], dtype=np.int64)
-    dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
-    tokens = np.empty(int(lengths.sum()), dtype=dtype)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    for start, e, n in zip(starts, encoded, lengths, strict=True):
-        tokens[start] = bos
-        tokens[start + 1 : start + n - 1] = e.ids
-        tokens[start + n - 1] = eos
-    return TokenStream(tokens, starts)
+def corpus_store(cfg: Config, run_dir: Path, log=print, progress: bool = False, builder: bool = True,
+                 wait_s: float = 7200.0) -> TokenStore:
+    """The store of `data.corpus` (built by `keel data build` on first use), cached under run_dir/data/.
+
+    In a multi-host run only the builder (host 0) builds; the others wait for its manifest on the shared
+    run directory."""
+    d = cfg.data
+    files = [glob.escape(str(f)) for f in stdlib_files()[1]] if d.corpus == "stdlib" else [d.corpus]
+    paths = sorted({p for f in files for p in glob.glob(f, recursive=True) if os.path.isfile(p)})
+    if not paths:
+        raise ConfigError(f"data.corpus={d.corpus!r} matches no files")
+    listing = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
+    tok_key = tokenizer_hash(load_tokenizer(d.tokenizer)) if d.tokenizer else f"bpe-{cfg.model.vocab_size}"
+    key = hashlib.sha256(json.dumps([listing, tok_key, d.heldout_fraction, d.text_field]).encode()).hexdigest()[:16]
+    out = run_dir / "data" / key
+    spec = BuildSpec(inputs=tuple(files), out=str(out), tokenizer=d.tokenizer, vocab_size=cfg.model.vocab_size,
+                     text_field=d.text_field, heldout_fraction=d.heldout_fraction)
+    t0 = time.perf_counter()
+    if not (out / "manifest.json").exists() and builder:
+        jobs = 1 if len(paths) < 200 else min(8, os.cpu_count() or 1)
+        build_store(spec, jobs=jobs, progress=progress, log=lambda s: log(s.replace("data build: ", "data: ")))
+        log(f"data: built the token store for data.corpus={d.corpus!r} in {time.perf_counter() - t0:.1f}s")
+    while not (out / "manifest.json").exists():
+        if time.perf_counter() - t0 > wait_s:
+            raise ConfigError(f"waited {wait_s:.0f}s for host 0 to build the token store {out}; is run_dir on a "
+                              f"filesystem every host shares?")
+        time.sleep(0.5)
+    return TokenStore(out)
 
 
 class DataSource:
-    """Train and held-out token streams for a run, built once and cached in the run directory."""
+    """The run's sources, sample order, skip list and held-out set."""
 
-    def __init__(self, cfg: Config, run_dir: Path, log=print):
+    def __init__(self, cfg: Config, run_dir: Path, log=print, progress: bool = False, host: int = 0):
+        d = cfg.data
         self.cfg = cfg
-        self.seq_len = cfg.data.seq_len
+        self.seq_len = d.seq_len
         self.batch_size = cfg.train.batch_size
-        self.seed = cfg.train.seed
-        corpus = load_corpus(cfg.data.corpus)
-        if corpus.skipped:
-            log(f"data: skipped {len(corpus.skipped)} of {len(corpus.documents) + len(corpus.skipped)} files "
-                f"(e.g. {next(iter(corpus.skipped.items()))})")
-        train_docs, heldout_docs = corpus.split(cfg.data.heldout_fraction)
-        self.tokenizer = self._tokenizer(cfg, run_dir, train_docs, log)
+        try:
+            if d.sources:
+                self.sources = [Source(s.name, TokenStore(s.path), s.weight, s.max_epochs) for s in d.sources]
+            else:
+                store = corpus_store(cfg, run_dir, log, progress, builder=host == 0)
+                self.sources = [Source("corpus", store, 1.0, 0.0)]
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+        first = self.sources[0].store
+        for s in self.sources[1:]:
+            if s.store.manifest["tokenizer"]["sha256"] != first.manifest["tokenizer"]["sha256"]:
+                raise ConfigError(f"data.sources: {s.name!r} ({s.store.path}) and {self.sources[0].name!r} "
+                                  f"({first.path}) were built with different tokenizers")
+        self.tokenizer: Tokenizer = first.tokenizer
+        if d.tokenizer and tokenizer_hash(load_tokenizer(d.tokenizer)) != first.manifest["tokenizer"]["sha256"]:
+            raise ConfigError(f"data.tokenizer={d.tokenizer!r} is not the tokenizer the stores were built with "
+                              f"({first.path}/tokenizer.json)")
         vocab = self.tokenizer.get_vocab_size()
         if vocab > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({vocab}); set model.vocab_size={vocab} or larger")
-        self.pad_id, self.bos_id, self.eos_id = special_ids(self.tokenizer)
-        key = {"corpus": corpus.content_hash, "tokenizer": tokenizer_hash(self.tokenizer),
-               "heldout_fraction": cfg.data.heldout_fraction, "format": 1}
-        self.fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        cache = run_dir / "data" / self.fingerprint
-        self.train = self._stream(cache / "train", train_docs)
-        self.heldout = self._stream(cache / "heldout", heldout_docs)
-        self.n_windows = self.train.windows(self.seq_len)
-        if self.n_windows < self.batch_size or self.heldout.windows(self.seq_len) < 1:
-            raise ConfigError(
-                f"data.corpus={cfg.data.corpus!r} has {self.n_windows} training windows of data.seq_len="
-                f"{self.seq_len} and {self.heldout.windows(self.seq_len)} held-out ones; need at least "
-                f"train.batch_size={self.batch_size} and 1"
-            )
-        log(f"data: {len(train_docs)} train / {len(heldout_docs)} held-out documents, "
-            f"{self.train.n_tokens:,} / {self.heldout.n_tokens:,} tokens, vocab {vocab}, "
-            f"fingerprint {self.fingerprint}")
+        self.pad_id, self.bos_id, self.eos_id = first.pad_id, first.bos_id, first.eos_id
+        if host == 0 and not (run_dir / "tokenizer.json").exists():
+            atomic_write(run_dir / "tokenizer.json", (first.path / "tokenizer.json").read_text())
+        self.heldout = [s.store.split("heldout") if "heldout" in s.store.splits else None for s in self.sources]
+        n_seq = [s.train.windows(self.seq_len) for s in self.sources]
+        for s, n, h in zip(self.sources, n_seq, self.heldout, strict=True):
+            if n < 1 or h is None or h.windows(self.seq_len) < 1:
+                raise ConfigError(
+                    f"data source {s.name!r} ({s.store.path}) has {n} training sequences and "
+                    f"{h.windows(self.seq_len) if h else 0} held-out ones of data.seq_len={self.seq_len}; "
+                    f"it needs at least one of each (a held-out split: keel data build --heldout-fraction)")
+        names = [s.name for s in self.sources]
+        changes = [(c.step, [c.weights.get(n, 0.0) for n in names]) for c in d.mixture_schedule]
+        try:
+            self.plan = MixturePlan([s.weight for s in self.sources], self.batch_size, changes)
+        except ValueError as e:
+            raise ConfigError(f"data mixture: {e}") from None
+        self.order = SampleOrder(self.plan, n_seq, d.seed, names)
+        self.space = TokenSpace([s.train for s in self.sources], self.seq_len + 1)
+        self.skip = SkipList(d.skip_steps)
+        self.description = {
+            "order_version": ORDER_VERSION, "seq_len": self.seq_len, "batch_size": self.batch_size, "seed": d.seed,
+            "sources": {s.name: {"store": s.store.fingerprint, "weight": s.weight} for s in self.sources},
+            "mixture_schedule": [[c.step, dict(sorted(c.weights.items()))] for c in d.mixture_schedule],
+        }
+        self.fingerprint = hashlib.sha256(json.dumps(self.description, sort_keys=True).encode()).hexdigest()[:16]
+        for s, split, h in zip(self.sources, (s.train for s in self.sources), self.heldout, strict=True):
+            log(f"data: source {s.name!r} weight {s.weight:g}: {split.n_documents:,} documents, "
+                f"{split.n_tokens:,} tokens, {split.windows(self.seq_len):,} sequences; held-out "
+                f"{h.n_tokens:,} tokens ({s.store.path}, store {s.store.fingerprint})")
+        log(f"data: vocab {vocab}, order fingerprint {self.fingerprint}")
 
-    @staticmethod
-    def _tokenizer(cfg: Config, run_dir: Path, train_docs: list[Document], log) -> Tokenizer:
-        saved = run_dir / "tokenizer.json"
-        if cfg.data.tokenizer:
-            tok = load_tokenizer(cfg.data.tokenizer)
-        elif saved.exists():
-            tok = load_tokenizer(saved)
-        else:
-            t0 = time.perf_counter()
-            tok = train_bpe([d.text for d in train_docs], cfg.model.vocab_size)
-            log(f"data: trained a byte-level BPE of {tok.get_vocab_size()} tokens in {time.perf_counter() - t0:.1f}s")
-        special_ids(tok)
-        if not saved.exists():
-            atomic_write(saved, tok.to_str(pretty=True))
-        return tok
+    # ------------------------------------------------------------------------------------------ batches
 
-    def _stream(self, prefix: Path, docs: list[Document]) -> TokenStream:
-        tok_path, start_path = prefix.with_suffix(".tokens.npy"), prefix.with_suffix(".starts.npy")
-        if tok_path.exists() and start_path.exists():
-            return TokenStream(np.load(tok_path, mmap_mode="r"), np.load(start_path))
-        stream = tokenize(self.tokenizer, docs, self.bos_id, self.eos_id)
-        for path, arr in ((tok_path, stream.tokens), (start_path, stream.doc_starts)):
-            buf = io.BytesIO()
-            np.save(buf, arr)
-            atomic_write(path, buf.getvalue())  # a half-written cache never looks complete
-        return stream
+    def rows(self, steps: np.ndarray | Sequence[int] | int) -> Rows:
+        """The rows of the global batches at `steps`, (K, B) arrays (see `SampleOrder.rows`)."""
+        return self.order.rows(steps)
 
-    @functools.lru_cache(maxsize=4)  # noqa: B019 - one DataSource per run; epochs are few
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+    def _gather(self, rows: Rows, sel: slice) -> tuple[np.ndarray, np.ndarray]:
+        """tokens (K, n, seq_len + 1) and first positions (K, n) of rows `sel` of K steps: one gather."""
+        source, sequence = rows.source[:, sel], rows.sequence[:, sel]
+        return self.space.gather([sequence[source == s] for s in range(len(self.sources))], self.seq_len, source)
 
-    def window_ids(self, step: int) -> np.ndarray:
-        g = step * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
-        epochs, offsets = np.divmod(g, self.n_windows)
-        out = np.empty_like(g)
-        for e in np.unique(epochs):
-            sel = epochs == e
-            out[sel] = self._epoch_order(int(e))[offsets[sel]]
-        return out
+    def _check_epochs(self, rows: Rows, steps: np.ndarray) -> None:
+        for i, s in enumerate(self.sources):
+            if not s.max_epochs:
+                continue
+            over = (rows.source == i) & (rows.sample >= s.max_epochs * self.order.n_sequences[i])
+            if over.any():
+                raise DataError(
+                    f"data source {s.name!r} reached its repetition limit max_epochs={s.max_epochs:g} "
+                    f"({self.order.n_sequences[i]:,} sequences per epoch) at step {int(steps[over.any(1).argmax()])}; "
+                    f"raise data.sources[{i}].max_epochs, lower its weight or add data")
 
-    def global_batch(self, step: int) -> Batch:
-        return self.train.gather(self.window_ids(step), self.seq_len)
+    def host_batches(self, steps: Iterable[int], host: int = 0, n_hosts: int = 1,
+                     block: int = 64) -> Iterator[tuple[int, Batch]]:
+        """(step, host batch) for the given steps. The order and the reads are done for up to `block` steps at
+        once (at most ~32 MiB of tokens), which amortises numpy's per-call cost."""
+        if self.batch_size % n_hosts:
+            raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by {n_hosts} hosts")
+        per = self.batch_size // n_hosts
+        sel = slice(host * per, (host + 1) * per)
+        step_bytes = per * (self.seq_len + 1) * self.sources[0].store.dtype.itemsize
+        block = max(1, min(block, (32 << 20) // step_bytes))
+        it = iter(steps)
+        while chunk := list(itertools.islice(it, block)):
+            chunk = np.array(chunk, dtype=np.int64)
+            rows = self.rows(chunk)
+            self._check_epochs(rows, chunk)
+            tokens, first = self._gather(rows, sel)
+            for k, step in enumerate(chunk):
+                yield int(step), {"tokens": tokens[k], "first_position": first[k]}
 
     def host_batch(self, step: int, host: int, n_hosts: int) -> Batch:
         """Host `host` of `n_hosts` takes its contiguous rows of the global batch."""
-        if self.batch_size % n_hosts:
-            raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by {n_hosts} hosts")
-        rows = self.batch_size // n_hosts
-        ids = self.window_ids(step)[host * rows : (host + 1) * rows]
-        return self.train.gather(ids, self.seq_len)
+        return next(self.host_batches([step], host, n_hosts))[1]
+
+    def global_batch(self, step: int) -> Batch:
+        return self.host_batch(step, 0, 1)
 
     def eval_batches(self, n: int) -> list[Batch]:
-        """A fixed held-out set: the first n * batch windows of the held-out stream (wrapping if short)."""
-        w = self.heldout.windows(self.seq_len)
-        ids = np.arange(n * self.batch_size) % w
-        return [self.heldout.gather(chunk, self.seq_len) for chunk in np.split(ids, n)]
+        """A fixed held-out set: batch i has the initial mixture's rows per source, taking each source's held-out
+        windows in store order (wrapping if short)."""
+        mix = self.plan.segments[0]
+        out = []
+        for i in range(n):
+            counts, before = mix.counts(i), mix.cumulative(i)
+            tokens, first = [], []
+            for s, (c, b) in enumerate(zip(counts, before, strict=True)):
+                if c:
+                    h = self.heldout[s]
+                    t, f = h.gather((b + np.arange(c)) % h.windows(self.seq_len), self.seq_len)
+                    tokens.append(t)
+                    first.append(f)
+            out.append({"tokens": np.concatenate(tokens), "first_position": np.concatenate(first)})
+        return out
 
-    def epoch(self, step: int) -> float:
-        return step * self.batch_size / self.n_windows
+    # ------------------------------------------------------------------------------------------ accounting
+
+    def epochs(self, step: int) -> dict[str, float]:
+        """Epochs of each source consumed by the batches before `step`."""
+        return {s.name: float(e) for s, e in zip(self.sources, self.order.epochs(step), strict=True)}
+
+    def check_budget(self, stop: int) -> None:
+        """A ConfigError now, rather than a crash later, if a source's max_epochs would stop the run before `stop`."""
+        used = self.order.epochs(stop)
+        for i, s in enumerate(self.sources):
+            if s.max_epochs and used[i] > s.max_epochs:
+                raise ConfigError(
+                    f"data source {s.name!r} would be repeated {used[i]:.2f} times by step {stop} but "
+                    f"data.sources[{i}].max_epochs={s.max_epochs:g}; lower train.steps or the source's weight, "
+                    f"raise max_epochs, or add data")
+
+    def unigram_entropy(self) -> float:
+        """Entropy (nats) of the mixture's unigram token distribution: the loss of the best context-free model."""
+        p = sum(float(w) * s.train.unigram / max(1, s.train.unigram.sum())
+                for s, w in zip(self.sources, self.plan.segments[0].weights, strict=True))
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+
+    def stats(self, step: int) -> list[dict]:
+        """Per source: its size, and what the batches before `step` consumed of it."""
+        consumed = self.plan.cumulative(np.array([step]))[0]
+        out = []
+        for i, s in enumerate(self.sources):
+            n = int(self.order.n_sequences[i])
+            out.append({"source": s.name, "store": str(s.store.path), "weight": s.weight,
+                        "documents": s.train.n_documents, "tokens": s.train.n_tokens, "sequences": n,
+                        "sequences_consumed": int(consumed[i]), "tokens_consumed": int(consumed[i]) * self.seq_len,
+                        "epochs_consumed": consumed[i] / n, "max_epochs": s.max_epochs})
+        return out
+
+    def inspect(self, step: int, host: int = 0, n_hosts: int = 1, text_chars: int = 200) -> list[dict]:
+        """Every row of the global batch at `step` (or of one host's rows): source, documents, decoded text."""
+        rows = self.rows(step)
+        per = self.batch_size // n_hosts
+        out = []
+        for r in range(host * per, (host + 1) * per):
+            s = int(rows.source[0, r])
+            split = self.sources[s].train
+            seq = int(rows.sequence[0, r])
+            start = seq * self.seq_len
+            tokens = split.tokens(start, start + self.seq_len + 1)
+            text = self.tokenizer.decode(tokens.tolist(), skip_special_tokens=False)
+            out.append({"row": r, "source": self.sources[s].name, "sequence": seq, "epoch": int(rows.epoch[0, r]),
+                        "tokens": [start, start + self.seq_len + 1],
+                        "documents": [{"id": d, "start": a, "end": b}
+                                      for d, a, b in split.documents_in(start, start + self.seq_len + 1)],
+                        "text": text if len(text) <= text_chars else text[:text_chars] + "…"})
+        return out
 
 
 class Prefetcher:
     """Prepares host batches for the next steps on a background thread; records how long the loop waited."""
 
-    def __init__(self, source: DataSource, start: int, stop: int, host: int = 0, n_hosts: int = 1,
-                 depth: int = 2):
+    def __init__(self, source: DataSource, steps: Sequence[int], host: int = 0, n_hosts: int = 1, depth: int = 4):
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self.last_wait_s = 0.0
 
         def work() -> None:
             try:
-                for step in range(start, stop):
-                    batch = source.host_batch(step, host, n_hosts)
+                for step, batch in source.host_batches(steps, host, n_hosts, block=min(64, 4 * depth)):
                     while not self._stop.is_set():
                         try:
                             self._q.put((step, batch), timeout=0.1)
@@ -197,6 +279,7 @@ class Prefetcher:
                             continue
                     if self._stop.is_set():
                         return
+                self._q.put((None, None))
             except BaseException as e:  # surfaced in the training loop, never swallowed
                 self._q.put((None, e))
 
@@ -211,8 +294,9 @@ class Prefetcher:
         step, batch = self._q.get()
         self.last_wait_s = time.perf_counter() - t0
         if step is None:
-            raise batch
+            raise batch if batch is not None else StopIteration
         return step, batch
 
     def close(self) -> None:
         self._stop.set()
+

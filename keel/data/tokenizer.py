@@ -29,13 +29,16 @@ def train_bpe(texts: Sequence[str], vocab_size: int) -> Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer.json, with keel's <pad>/<bos>/<eos> added if it lacks them (so its hash is stable)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"data.tokenizer={str(path)!r}: file not found")
     try:
-        return Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
         raise ConfigError(f"data.tokenizer={str(path)!r} is not a valid tokenizer.json: {e}") from e
+    special_ids(tok)
+    return tok
 
 
 def tokenizer_hash(tok: Tokenizer) -> str:

@@ -26,7 +26,8 @@ import yaml
 from tqdm import tqdm
 
 from keel.config import Config, ConfigError, dump_yaml, fingerprint, from_dict, resume_differences
-from keel.data.loader import Batch, DataSource, Prefetcher
+from keel.data.loader import DataSource, Prefetcher
+from keel.data.pack import Batch, expand
 from keel.io import atomic_write
 from keel.model import transformer
 from keel.model.sampling import greedy_sample
@@ -37,7 +38,6 @@ from keel.train.events import EventLog
 from keel.train.mfu import peak_flops_per_device
 
 State = dict[str, Any]
-BATCH_AXES = ("batch", "seq")
 
 
 @dataclass
@@ -101,8 +101,10 @@ def state_init_fn(cfg: Config, tx: optax.GradientTransformation) -> Callable[[ja
     return init_state
 
 
-def _train_step_fn(cfg: Config, tx: optax.GradientTransformation, schedule, sharder: Sharder):
-    def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+def _train_step_fn(cfg: Config, tx: optax.GradientTransformation, schedule, sharder: Sharder, bos: int, pad: int):
+    def train_step(state: State, host_batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        batch = expand(host_batch["tokens"], host_batch["first_position"], bos, pad, jnp)
+
         def loss_of(params):
             return transformer.loss_fn(params, batch, cfg.model, sharder)
 
@@ -150,7 +152,7 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = T
     events.emit("start", run_fingerprint=fingerprint(cfg), devices=jax.device_count(),
                 backend=jax.default_backend())
     try:
-        return _train(cfg, run_dir, events, host, n_hosts, t_start, log, progress, devices)
+        return _train(cfg, run_dir, events, host, n_hosts, t_start, log, progress, devices, allow_config_change)
     except BaseException as e:
         events.emit("failure", error=f"{type(e).__name__}: {e}")
         raise
@@ -159,9 +161,12 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = T
 
 
 def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int, t_start: float,
-           log: Callable[[str], None], progress: bool, devices: Sequence[jax.Device] | None) -> Summary:
+           log: Callable[[str], None], progress: bool, devices: Sequence[jax.Device] | None,
+           allow_config_change: bool) -> Summary:
     with events.span("data_prepare"):
-        data = DataSource(cfg, run_dir, log)
+        data = DataSource(cfg, run_dir, log, progress=progress and host == 0, host=host)
+    stop = cfg.train.stop_at or cfg.train.steps
+    data.check_budget(stop)
     mesh = make_mesh(cfg.mesh, devices)
     sharder = Sharder(mesh)
     param_shardings = sharder.tree(transformer.abstract_params(cfg.model), transformer.logical_axes(cfg.model))
@@ -183,7 +188,8 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int
         f"{jax.default_backend()} device(s); compute dtype {transformer.compute_dtype(cfg.model)}")
 
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
-    meta = {"run_fingerprint": fingerprint(cfg), "data_fingerprint": data.fingerprint}
+    meta = {"run_fingerprint": fingerprint(cfg), "data_fingerprint": data.fingerprint, "data": data.description,
+            "skip_steps": data.skip.ranges}
     latest = ckpt.latest_step()
     if latest is None:
         with events.span("init"):
@@ -193,25 +199,25 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int
                               abstract_state, state_shardings)
         with events.span("checkpoint_restore", step=latest):
             state, saved_meta = ckpt.restore(latest, target)
-        if saved_meta.get("data_fingerprint") != data.fingerprint:
-            raise CheckpointError(
-                f"checkpoint {latest} in {run_dir} was trained on data {saved_meta.get('data_fingerprint')} "
-                f"but the current corpus/tokenizer give {data.fingerprint}; the corpus or tokenizer changed"
-            )
+        _check_data_resume(saved_meta, data, latest, run_dir, allow_config_change, log)
         log(f"resumed from checkpoint at step {latest}")
 
-    batch_sharding = sharder.sharding(BATCH_AXES, (cfg.train.batch_size, cfg.data.seq_len))
+    batch_sharding = {"tokens": sharder.sharding(("batch", None), (cfg.train.batch_size, cfg.data.seq_len + 1)),
+                      "first_position": sharder.sharding(("batch",), (cfg.train.batch_size,))}
     step_fn = jax.jit(
-        _train_step_fn(cfg, tx, schedule, sharder),
+        _train_step_fn(cfg, tx, schedule, sharder, data.bos_id, data.pad_id),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
-    eval_fn = jax.jit(lambda p, b: transformer.loss_fn(p, b, cfg.model, sharder),
-                      in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
+    def eval_loss(params, host_batch: Batch):
+        batch = expand(host_batch["tokens"], host_batch["first_position"], data.bos_id, data.pad_id, jnp)
+        return transformer.loss_fn(params, batch, cfg.model, sharder)
+
+    eval_fn = jax.jit(eval_loss, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
 
     def to_device(batch: Batch) -> dict[str, jax.Array]:
-        return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+        return {k: jax.make_array_from_process_local_data(batch_sharding[k], v) for k, v in batch.items()}
 
     eval_batches = [to_device(b) for b in data.eval_batches(cfg.train.eval_batches)]
 
@@ -226,7 +232,9 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int
 
     start = int(state["step"])
     steps = cfg.train.steps
-    stop = cfg.train.stop_at or steps
+    run_steps = [s for s in range(start, stop) if s not in data.skip]
+    if len(run_steps) < stop - start:
+        log(f"data: skipping {stop - start - len(run_steps)} step(s) in data.skip_steps={list(cfg.data.skip_steps)}")
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     peak, peak_source = peak_flops_per_device(jax.local_devices()[0])
     flops_per_step = transformer.model_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
@@ -243,15 +251,15 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int
         with events.span("checkpoint_save", step=step):
             ckpt.save(step, state, meta)
 
-    if start < stop:
+    if run_steps:
         with events.span("compile") as ev:
             t0 = time.perf_counter()
-            step_fn = step_fn.lower(state, to_device(data.host_batch(start, host, n_hosts))).compile()
+            step_fn = step_fn.lower(state, to_device(data.host_batch(run_steps[0], host, n_hosts))).compile()
             ev["seconds"] = time.perf_counter() - t0
             ev["param_shardings"] = {jax.tree_util.keystr(p): str(s.spec) for p, s in
                                      jax.tree_util.tree_flatten_with_path(step_fn.output_shardings[0]["params"])[0]}
         log(f"compiled the train step in {ev['seconds']:.1f}s")
-    prefetch = Prefetcher(data, start, stop, host, n_hosts)
+    prefetch = Prefetcher(data, run_steps, host, n_hosts, depth=cfg.data.prefetch)
     bar = tqdm(total=steps, initial=start, disable=not progress or host != 0, unit="step",
                dynamic_ncols=True, desc="train")
     try:
@@ -259,6 +267,10 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int
             t_prev = time.perf_counter()
             for step, host_batch in prefetch:
                 wait = prefetch.last_wait_s
+                if step != int(state["step"]):  # steps in data.skip_steps: no update, the counter moves on
+                    events.emit("data_skip", start=int(state["step"]), stop=step)
+                    bar.update(step - int(state["step"]))
+                    state["step"] = jax.device_put(jnp.asarray(step, jnp.int32), replicated)
                 state, m = step_fn(state, to_device(host_batch))
                 m = jax.device_get(m)  # one sync per step: the step time below is real compute time
                 now = time.perf_counter()
@@ -277,7 +289,7 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int
                                     refresh=False)
                     rec = {"step": done, "loss": train_loss, "grad_norm": float(m["grad_norm"]),
                            "lr": float(m["lr"]), "tokens_per_s": tps, "mfu": mfu, "step_s": dt,
-                           "data_wait_s": wait, "epoch": data.epoch(done), "tokens": done * tokens_per_step}
+                           "data_wait_s": wait, "epochs": data.epochs(done), "tokens": done * tokens_per_step}
                     metrics_file.write(json.dumps(rec) + "\n")
                 if done % cfg.train.eval_every == 0 and done != steps:
                     last_eval = heldout_loss(state["params"])
@@ -312,7 +324,7 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int
     summary = Summary(
         run_dir=str(run_dir), start_step=start, step=end_step, steps=steps,
         train_loss=train_loss if start < end_step else float("nan"), heldout_loss=last_eval,
-        unigram_entropy=data.train.unigram_entropy(), tokens_seen=end_step * tokens_per_step,
+        unigram_entropy=data.unigram_entropy(), tokens_seen=end_step * tokens_per_step,
         wall_s=time.monotonic() - t_start, sample=sample, stopped_early=stopped_early,
     )
     events.emit("end", step=end_step, heldout_loss=last_eval, stopped_early=stopped_early)
@@ -320,6 +332,30 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int
         atomic_write(run_dir / "summary.json",
                      json.dumps(summary.__dict__ | {"below_unigram": summary.below_unigram}, indent=1))
     return summary
+
+
+def _check_data_resume(saved_meta: dict, data: DataSource, step: int, run_dir: Path, allow: bool,
+                       log: Callable[[str], None]) -> None:
+    """The data that produced the checkpoint must be the data that continues it (or the user says otherwise)."""
+    from keel.config import flatten
+
+    saved, now = flatten(saved_meta.get("data", {})), flatten(data.description)
+    diffs = [f"data {k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+             if saved.get(k) != now.get(k)]
+    if not saved_meta.get("data") and saved_meta.get("data_fingerprint") != data.fingerprint:
+        diffs.append(f"data fingerprint {saved_meta.get('data_fingerprint')} -> {data.fingerprint}")
+    applied = [list(r) for r in saved_meta.get("skip_steps", [])]
+    applied = [[a, min(b, step - 1)] for a, b in applied if a < step]
+    current = [list(r) for r in data.skip.before(step)]
+    if applied != current:
+        diffs.append(f"data.skip_steps before step {step}: {applied} -> {current} (steps already trained)")
+    if not diffs:
+        return
+    message = (f"checkpoint {step} in {run_dir} was trained on other data; resuming would change what the model "
+               f"saw:\n  " + "\n  ".join(diffs))
+    if not allow:
+        raise ConfigError(message + "\nuse a new run_dir, or pass --allow-config-change to resume anyway")
+    log(message + "\n(--allow-config-change: continuing with the new data order)")
 
 
 def load_params(run_dir: str | Path, cfg: Config, step: int | None = None) -> tuple[Any, int]:

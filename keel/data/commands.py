@@ -1,0 +1,116 @@
+"""`keel data build | inspect | stats`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from keel.config import load_config, preset_names
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="build token stores; inspect batches and what a run consumes",
+                          description="Build token stores and see exactly what the model is fed.")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+
+    b = dsub.add_parser("build", help="tokenize text/jsonl/parquet files into a token store",
+                        description="Tokenize input files into a token store (docs/data-format.md). Rerunning the "
+                                    "same command finishes an interrupted build.")
+    b.add_argument("inputs", nargs="+", help="globs of .txt (any other suffix: one document per file), "
+                                             ".jsonl, .jsonl.gz, .jsonl.zst, .parquet")
+    b.add_argument("--out", required=True, help="the store directory")
+    b.add_argument("--tokenizer", default="", help="a HF tokenizer.json (default: train a byte-level BPE)")
+    b.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary when training one (default 4096)")
+    b.add_argument("--text-field", default="text", help="JSON key / parquet column of the text (default text)")
+    b.add_argument("--heldout-fraction", type=float, default=0.01,
+                   help="documents put in the held-out split, chosen by a hash of their content (default 0.01)")
+    b.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per output shard (default 2^28)")
+    b.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="local worker processes")
+    b.add_argument("--worker", type=int, default=0, help="this machine's index for a multi-machine build")
+    b.add_argument("--workers", type=int, default=1, help="machines in a multi-machine build")
+    b.add_argument("--stage", choices=["all", "tokenize", "shard", "merge"], default="all",
+                   help="multi-machine builds: tokenize (every worker), shard (every worker), merge (once)")
+    b.add_argument("--strict", action="store_true", help="any bad input is an error naming the file and line")
+    b.add_argument("--no-progress", action="store_true")
+
+    for name, helptext in (("inspect", "print every row of the global batch at a step"),
+                           ("stats", "per-source tokens, documents, sequences and epochs consumed by a step")):
+        p = dsub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
+        p.add_argument("--config", action="append", help=f"preset ({', '.join(preset_names())}) or YAML file")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+        p.add_argument("--step", type=int, default=None,
+                       help="the step (inspect: default 0; stats: default train.steps)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "inspect":
+            p.add_argument("--hosts", type=int, default=1, help="number of hosts, to show one host's rows")
+            p.add_argument("--host", type=int, default=0, help="the host whose rows to show")
+            p.add_argument("--chars", type=int, default=120, help="decoded text per row (default 120)")
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"build": _build, "inspect": _inspect, "stats": _stats}[args.data_command](args)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from keel.data.store import BuildSpec, build_store
+
+    spec = BuildSpec(inputs=tuple(args.inputs), out=args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                     text_field=args.text_field, heldout_fraction=args.heldout_fraction,
+                     shard_tokens=args.shard_tokens, strict=args.strict)
+    build_store(spec, stage=args.stage, worker=args.worker, workers=args.workers, jobs=args.jobs,
+                progress=not args.no_progress)
+    return 0
+
+
+def _source(args: argparse.Namespace, quiet: bool):
+    from keel.data.loader import DataSource
+
+    cfg = load_config(args.config or ["tiny"], args.overrides)
+    return cfg, DataSource(cfg, Path(cfg.run_dir), log=(lambda s: None) if quiet else print, progress=not quiet)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from keel.config import ConfigError
+
+    cfg, data = _source(args, args.json)
+    step = args.step or 0
+    if not 0 <= args.host < args.hosts or cfg.train.batch_size % args.hosts:
+        raise ConfigError(f"--host {args.host} of --hosts {args.hosts}: need 0 <= host < hosts and hosts dividing "
+                          f"train.batch_size={cfg.train.batch_size}")
+    rows = data.inspect(step, args.host, args.hosts, args.chars)
+    if args.json:
+        print(json.dumps({"step": step, "host": args.host, "hosts": args.hosts, "skipped": step in data.skip,
+                          "rows": rows}, indent=1))
+        return 0
+    print(f"step {step}" + (" (in data.skip_steps: not trained on)" if step in data.skip else "")
+          + f", rows {rows[0]['row']}..{rows[-1]['row']} of {cfg.train.batch_size}, seq_len {cfg.data.seq_len}")
+    print(f"{'row':>4}  {'source':<12} {'sequence':>10} {'epoch':>5}  {'documents (id:start-end)':<28}  text")
+    for r in rows:
+        docs = " ".join(f"{d['id']}:{d['start']}-{d['end']}" for d in r["documents"])
+        if len(docs) > 28:
+            docs = docs[:27] + "…"
+        text = r["text"].replace("\n", "⏎")
+        print(f"{r['row']:>4}  {r['source']:<12} {r['sequence']:>10} {r['epoch']:>5}  {docs:<28}  {text}")
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    cfg, data = _source(args, args.json)
+    step = cfg.train.steps if args.step is None else args.step
+    rows = data.stats(step)
+    skipped = data.skip.count(0, step)
+    if args.json:
+        print(json.dumps({"step": step, "skipped_steps": skipped, "sources": rows}, indent=1))
+        return 0
+    print(f"by step {step:,} ({step * cfg.train.batch_size:,} sequences of {cfg.data.seq_len + 1} tokens"
+          + (f"; {skipped} of these steps are skipped" if skipped else "") + ")")
+    head = ("source", "weight", "documents", "tokens", "sequences", "consumed", "epochs", "max_epochs")
+    table = [head] + [(r["source"], f"{r['weight']:g}", f"{r['documents']:,}", f"{r['tokens']:,}",
+                       f"{r['sequences']:,}", f"{r['sequences_consumed']:,}", f"{r['epochs_consumed']:.3f}",
+                       f"{r['max_epochs']:g}" if r["max_epochs"] else "-") for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+    return 0
