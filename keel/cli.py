@@ -67,7 +67,14 @@ def cmd_data(args: argparse.Namespace) -> int:
     return commands.run(args)
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": cmd_train, "data": cmd_data}
+def cmd_burnin(args: argparse.Namespace) -> int:
+    from keel.diag import commands
+
+    return commands.run(args)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": cmd_train, "data": cmd_data,
+                                                          "burnin": cmd_burnin}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--process-id", type=int, help="this process's index")
     d.add_argument("--distributed", choices=["auto"], help="auto: let JAX detect the cluster (SLURM, MPI, TPU)")
     from keel.data import commands as data_commands
+    from keel.diag import commands as diag_commands
 
     data_commands.add_parser(sub)
+    diag_commands.add_parser(sub)
     return parser
 
 
