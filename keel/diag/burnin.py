@@ -171,9 +171,20 @@ _increment = jax.jit(lambda x: x + 1.0)
 _matmul_f32_out = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
 
 
+@functools.lru_cache(maxsize=8)
+def _fp8_works(device: jax.Device) -> bool:
+    """Whether this backend compiles and runs an fp8 matmul (H100/H200/B200/MI300X do; older parts do not)."""
+    try:
+        a = jax.device_put(jnp.ones((256, 256), jnp.float32).astype(jnp.float8_e4m3fn), device)
+        jax.block_until_ready(_matmul_f32_out(a, a))
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: not supported here
+        return False
+
+
 def _dtypes(ctx: Context) -> list[tuple[str, Any]]:
     out = [("bf16", jnp.bfloat16), ("fp32", jnp.float32)]
-    if ctx.devices[0].platform == "gpu" and ctx.spec is not None and ctx.spec.fp8_tflops:
+    if ctx.spec is not None and ctx.spec.fp8_tflops and _fp8_works(ctx.devices[0]):
         out.append(("fp8", jnp.float8_e4m3fn))
     return out
 
@@ -190,6 +201,9 @@ def check_matmul(ctx: Context) -> list[Measurement]:
         peak = None if ctx.spec is None else {"bf16": ctx.spec.bf16_tflops, "fp8": ctx.spec.fp8_tflops}.get(name)
         out += judge("matmul", f"{name} TFLOP/s", "TFLOP/s", rate, ctx,
                      floor=None if not peak else ctx.settings.matmul_floor * peak)
+    if ctx.spec is not None and ctx.spec.fp8_tflops and "fp8" not in dict(_dtypes(ctx)):
+        out.append(Measurement("matmul", "fp8 TFLOP/s", "not run", "", SKIPPED,
+                               note=f"{ctx.spec.name} has fp8 but this backend did not compile an fp8 matmul"))
     return out
 
 
