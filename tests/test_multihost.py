@@ -50,3 +50,25 @@ def test_two_processes_equal_one(small_corpus, tmp_path):
     events = sorted(p.name for p in (tmp_path / "two" / "events").iterdir())
     assert events == ["host0000.jsonl", "host0001.jsonl"]
     assert (tmp_path / "two" / "checkpoints" / "4").exists()
+
+
+def test_burnin_compares_hashes_across_hosts(tmp_path):
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
+    root = Path(__file__).resolve().parents[1]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "keel", "burnin", "--quick", "--checks", "sdc", "--no-progress",
+                          "--json", str(tmp_path / f"host{i}.json")], cwd=root, env=dict(env, JAX_PROCESS_ID=str(i)),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    for i in range(2):
+        report = json.loads((tmp_path / f"host{i}.json").read_text())
+        assert len(report["devices"]) == 4
+        hashes = [m for m in report["measurements"] if m["check"] == "sdc"]
+        assert len(hashes) == 4 and len({m["value"] for m in hashes}) == 1
+        assert all(m["note"] == "agrees with 8 of 8 devices" for m in hashes)  # both hosts' devices compared
