@@ -223,9 +223,6 @@ class MixturePlan:
         for seg, start, end in zip(self.segments, self.starts, ends, strict=False):
             self._before.append(self._before[-1] + seg.cumulative(end - start))
 
-    def segment(self, step: int) -> int:
-        return int(np.searchsorted(self.starts, step, side="right")) - 1
-
     def cumulative(self, steps: np.ndarray | int) -> np.ndarray:
         """Rows each source has received in batches [0, step): shape steps.shape + (sources,)."""
         steps = np.asarray(steps, dtype=np.int64)
@@ -239,9 +236,6 @@ class MixturePlan:
     def counts(self, steps: np.ndarray | int) -> np.ndarray:
         steps = np.asarray(steps, dtype=np.int64)
         return self.cumulative(steps + 1) - self.cumulative(steps)
-
-    def weights_at(self, step: int) -> tuple[Fraction, ...]:
-        return self.segments[self.segment(step)].weights
 
 
 # ------------------------------------------------------------------------------------------------ skip list
