@@ -80,6 +80,17 @@ def test_resume_and_prefetch_depth_do_not_change_batches(stores, tmp_path):
         _equal(straight[step], data.global_batch(step))
 
 
+def test_eval_sets_per_source(stores, tmp_path):
+    data = _mixture(stores, tmp_path)
+    sets = data.eval_sets(2)
+    assert list(sets) == ["web", "code", "math"]
+    assert data.eval_weights == {"web": 0.5, "code": 0.2, "math": 0.3}
+    for name, batches in sets.items():
+        h = data.heldout[list(sets).index(name)]
+        assert [b["tokens"].shape for b in batches] == [(16, 65)] * 2
+        np.testing.assert_array_equal(batches[0]["tokens"][0], h.tokens(0, 65))
+
+
 def test_mixture_rows_and_epochs(stores, tmp_path):
     data = _mixture(stores, tmp_path, batch=20)
     rows = data.rows(np.arange(100))
@@ -184,9 +195,9 @@ def test_corpus_too_small_for_seq_len(small_corpus, tmp_path):
 
 def test_tokenizer_larger_than_model_vocab(small_corpus, tmp_path):
     cfg = load_config("tiny", [f"data.corpus={small_corpus}", "model.vocab_size=512", "data.heldout_fraction=0.1"])
-    DataSource(cfg, tmp_path / "a", **QUIET)
+    built = DataSource(cfg, tmp_path / "a", **QUIET).sources[0].store.path / "tokenizer.json"
     small = load_config("tiny", [f"data.corpus={small_corpus}", "model.vocab_size=300", "data.heldout_fraction=0.1",
-                                 f"data.tokenizer={tmp_path / 'a' / 'tokenizer.json'}"])
+                                 f"data.tokenizer={built}"])
     with pytest.raises(ConfigError, match="model.vocab_size=300"):
         DataSource(small, tmp_path / "b", **QUIET)
 

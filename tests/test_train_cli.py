@@ -141,3 +141,24 @@ def test_config_error_exits_before_any_work(tmp_path, capsys):
 @pytest.mark.parametrize("mesh", [["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], ["mesh.data=1", "mesh.fsdp=-1"]])
 def test_other_meshes_train(tiny_args, mesh):
     assert _train(tiny_args, *mesh, "train.steps=2", "optim.warmup_steps=1", "train.eval_every=2") == 0
+
+
+def test_train_on_a_mixture_of_built_stores(tiny_args, small_corpus, tmp_path):
+    files = sorted(Path(small_corpus).parent.glob("*.py"))
+    for name, part in (("a", files[:20]), ("b", files[20:])):
+        (tmp_path / name).mkdir()
+        for f in part:
+            shutil.copy(f, tmp_path / name / f.name)
+    build = ["data", "build", "--jobs", "1", "--no-progress", "--heldout-fraction", "0.2"]
+    assert main([*build, str(tmp_path / "a" / "*.py"), "--out", str(tmp_path / "sa"), "--vocab-size", "512"]) == 0
+    assert main([*build, str(tmp_path / "b" / "*.py"), "--out", str(tmp_path / "sb"),
+                 "--tokenizer", str(tmp_path / "sa" / "tokenizer.json")]) == 0
+    sources = f"[{{name: a, path: '{tmp_path / 'sa'}', weight: 0.75}}, {{name: b, path: '{tmp_path / 'sb'}'}}]"
+    assert _train(tiny_args, f"data.sources={sources}", "train.steps=3", "optim.warmup_steps=1",
+                  "train.eval_every=3") == 0
+    rows = [json.loads(line) for line in (_run_dir(tiny_args) / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in rows if "heldout_loss" in r][-1]
+    by = final["heldout_loss_by_source"]
+    assert set(by) == {"a", "b"}
+    assert final["heldout_loss"] == pytest.approx((0.75 * by["a"] + 1.0 * by["b"]) / 1.75)
+    assert set(rows[0]["epochs"]) == {"a", "b"}

@@ -32,7 +32,6 @@ from keel.data.order import MixturePlan, Rows, SampleOrder, SkipList
 from keel.data.pack import Batch
 from keel.data.store import BuildSpec, DataError, Split, TokenSpace, TokenStore, build_store
 from keel.data.tokenizer import load_tokenizer, tokenizer_hash
-from keel.io import atomic_write
 
 ORDER_VERSION = 2
 
@@ -109,8 +108,6 @@ class DataSource:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({vocab}); set model.vocab_size={vocab} or larger")
         self.pad_id, self.bos_id, self.eos_id = first.pad_id, first.bos_id, first.eos_id
-        if host == 0 and not (run_dir / "tokenizer.json").exists():
-            atomic_write(run_dir / "tokenizer.json", (first.path / "tokenizer.json").read_text())
         self.heldout = [s.store.split("heldout") if "heldout" in s.store.splits else None for s in self.sources]
         n_seq = [s.train.windows(self.seq_len) for s in self.sources]
         for s, n, h in zip(self.sources, n_seq, self.heldout, strict=True):
@@ -188,22 +185,19 @@ class DataSource:
     def global_batch(self, step: int) -> Batch:
         return self.host_batch(step, 0, 1)
 
-    def eval_batches(self, n: int) -> list[Batch]:
-        """A fixed held-out set: batch i has the initial mixture's rows per source, taking each source's held-out
-        windows in store order (wrapping if short)."""
-        mix = self.plan.segments[0]
-        out = []
-        for i in range(n):
-            counts, before = mix.counts(i), mix.cumulative(i)
-            tokens, first = [], []
-            for s, (c, b) in enumerate(zip(counts, before, strict=True)):
-                if c:
-                    h = self.heldout[s]
-                    t, f = h.gather((b + np.arange(c)) % h.windows(self.seq_len), self.seq_len)
-                    tokens.append(t)
-                    first.append(f)
-            out.append({"tokens": np.concatenate(tokens), "first_position": np.concatenate(first)})
+    def eval_sets(self, n: int) -> dict[str, list[Batch]]:
+        """A fixed held-out set per source: n batches of its held-out windows in store order (wrapping if
+        short). The run's held-out loss is their mean weighted by the initial mixture."""
+        out = {}
+        for s, h in zip(self.sources, self.heldout, strict=True):
+            ids = np.arange(n * self.batch_size) % h.windows(self.seq_len)
+            out[s.name] = [dict(zip(("tokens", "first_position"), h.gather(chunk, self.seq_len), strict=True))
+                           for chunk in np.split(ids, n)]
         return out
+
+    @property
+    def eval_weights(self) -> dict[str, float]:
+        return {s.name: float(w) for s, w in zip(self.sources, self.plan.segments[0].weights, strict=True)}
 
     # ------------------------------------------------------------------------------------------ accounting
 

@@ -165,6 +165,8 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int
            allow_config_change: bool) -> Summary:
     with events.span("data_prepare"):
         data = DataSource(cfg, run_dir, log, progress=progress and host == 0, host=host)
+    if host == 0 and not (run_dir / "tokenizer.json").exists():
+        atomic_write(run_dir / "tokenizer.json", data.tokenizer.to_str(pretty=True))
     stop = cfg.train.stop_at or cfg.train.steps
     data.check_budget(stop)
     mesh = make_mesh(cfg.mesh, devices)
@@ -219,16 +221,30 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int
     def to_device(batch: Batch) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(batch_sharding[k], v) for k, v in batch.items()}
 
-    eval_batches = [to_device(b) for b in data.eval_batches(cfg.train.eval_batches)]
+    eval_sets = {name: [to_device(b) for b in batches]
+                 for name, batches in data.eval_sets(cfg.train.eval_batches).items()}
 
-    def heldout_loss(params) -> float:
+    def heldout_loss(params) -> tuple[float, dict[str, float]]:
+        """The held-out loss (per source: token mean; overall: weighted by the initial mixture) and per source."""
         with events.span("eval") as ev:
-            total = count = 0.0
-            for b in eval_batches:
-                loss, n = eval_fn(params, b)
-                total, count = total + float(loss) * float(n), count + float(n)
-            ev["heldout_loss"] = total / count
-        return total / count
+            by_source = {}
+            for name, batches in eval_sets.items():
+                total = count = 0.0
+                for b in batches:
+                    loss, n = eval_fn(params, b)
+                    total, count = total + float(loss) * float(n), count + float(n)
+                by_source[name] = total / count
+            overall = sum(data.eval_weights[k] * v for k, v in by_source.items())
+            ev["heldout_loss"] = overall
+            if len(by_source) > 1:
+                ev["heldout_loss_by_source"] = by_source
+        return overall, by_source
+
+    def eval_record(step: int, loss: float, by_source: dict[str, float]) -> str:
+        rec = {"step": step, "heldout_loss": loss}
+        if len(by_source) > 1:
+            rec["heldout_loss_by_source"] = by_source
+        return json.dumps(rec) + "\n"
 
     start = int(state["step"])
     steps = cfg.train.steps
@@ -292,9 +308,10 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int
                            "data_wait_s": wait, "epochs": data.epochs(done), "tokens": done * tokens_per_step}
                     metrics_file.write(json.dumps(rec) + "\n")
                 if done % cfg.train.eval_every == 0 and done != steps:
-                    last_eval = heldout_loss(state["params"])
-                    metrics_file.write(json.dumps({"step": done, "heldout_loss": last_eval}) + "\n")
-                    bar.write(f"step {done}: held-out loss {last_eval:.4f}")
+                    last_eval, by_source = heldout_loss(state["params"])
+                    metrics_file.write(eval_record(done, last_eval, by_source))
+                    bar.write(f"step {done}: held-out loss {last_eval:.4f}" + ("" if len(by_source) < 2 else
+                              " (" + ", ".join(f"{k} {v:.4f}" for k, v in by_source.items()) + ")"))
                 if sig.received is not None and done < stop:
                     log(f"signal {sig.received}: checkpointing step {done} and stopping")
                     events.emit("preempted", step=done, signal=sig.received)
@@ -313,9 +330,9 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int
 
     end_step = int(state["step"])
     stopped_early = stopped_early or end_step < steps
-    last_eval = heldout_loss(state["params"])
+    last_eval, by_source = heldout_loss(state["params"])
     with open(metrics_path, "a") as f:
-        f.write(json.dumps({"step": end_step, "heldout_loss": last_eval}) + "\n")
+        f.write(eval_record(end_step, last_eval, by_source))
     tok = data.tokenizer
     prompt = [data.bos_id] + tok.encode(cfg.train.sample_prompt, add_special_tokens=False).ids
     sample_ids = greedy_sample(state["params"], prompt, cfg.train.sample_tokens, cfg.model, data.eos_id,
