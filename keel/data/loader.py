@@ -217,8 +217,7 @@ class DataSource:
 
     def unigram_entropy(self) -> float:
         """Entropy (nats) of the mixture's unigram token distribution: the loss of the best context-free model."""
-        p = sum(float(w) * s.train.unigram / max(1, s.train.unigram.sum())
-                for s, w in zip(self.sources, self.plan.segments[0].weights, strict=True))
+        p = sum(self.eval_weights[s.name] * s.train.unigram / max(1, s.train.unigram.sum()) for s in self.sources)
         p = p[p > 0]
         return float(-(p * np.log(p)).sum())
 

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 Batch = dict[str, Any]
-HOST_KEYS = ("tokens", "first_position")
 
 
 def _cummax(xp: Any, x: Any) -> Any:
@@ -41,5 +40,5 @@ def expand(tokens: Any, first_position: Any, bos: int, pad: int, xp: Any = np) -
     last_start = _cummax(xp, xp.where(starts, col, -1))
     positions = xp.where(last_start >= 0, col - last_start, col + first_position.astype(xp.int32)[:, None])
     loss_mask = ((targets != bos) & (targets != pad)).astype(xp.int32)
-    return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids.astype(xp.int32),
-            "positions": positions.astype(xp.int32), "loss_mask": loss_mask}
+    return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids, "positions": positions.astype(xp.int32),
+            "loss_mask": loss_mask}

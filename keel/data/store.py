@@ -369,22 +369,23 @@ def build_store(spec: BuildSpec, *, stage: str = "all", worker: int = 0, workers
         raise DataError("a multi-worker or staged build needs --tokenizer (training a BPE needs every "
                         "document on one machine)")
     tokenizer_path = _prepare_tokenizer(spec, files, log)
+    tok = load_tokenizer(tokenizer_path)
     if stage in ("tokenize", "all"):
-        tok_hash = tokenizer_hash(load_tokenizer(tokenizer_path))
+        tok_hash = tokenizer_hash(tok)
         mine = [(i, str(f), spec, str(tokenizer_path), tok_hash) for i, f in enumerate(files) if i % workers == worker]
         _run(_tokenize_file, mine, jobs, "tokenize", progress)
         if stage == "tokenize":
             return out
     reports = _chunk_reports(out, len(files))
     chunks = [_Chunk(r["index"], r["sha256"], r["documents"], r["tokens"]) for r in reports]
-    vocab = load_tokenizer(tokenizer_path).get_vocab_size()
+    vocab = tok.get_vocab_size()
     plan = _plan_shards(chunks, spec)
     if stage in ("shard", "all"):
         units = [(split, s, n, chunks, spec, vocab) for split, n in plan.items() for s in range(n)]
         _run(_write_shard, [u for i, u in enumerate(units) if i % workers == worker], jobs, "shard", progress)
         if stage == "shard":
             return out
-    _merge(out, spec, reports, plan, tokenizer_path, log)
+    _merge(out, spec, reports, plan, tok, log)
     return out
 
 
@@ -407,11 +408,26 @@ def _spec_record(spec: BuildSpec) -> dict:
             "shard_tokens": spec.shard_tokens, "vocab_size": spec.vocab_size if not spec.tokenizer else None}
 
 
-def _merge(out: Path, spec: BuildSpec, reports: list[dict], plan: dict[str, int], tokenizer_path: Path,
-           log: Callable[[str], None]) -> None:
-    tok = load_tokenizer(tokenizer_path)
+def _write_manifest(out: Path, tok: Tokenizer, splits: dict[str, dict], inputs: dict, build: dict) -> dict:
+    """manifest.json, written last: the store is complete once it exists. The fingerprint covers the tokenizer
+    and every shard's content."""
     pad, bos, eos = special_ids(tok)
     vocab = tok.get_vocab_size()
+    shard_hashes = {k: [s["sha256"] for s in v["shards"]] for k, v in splits.items()}
+    content = hashlib.sha256(json.dumps({"tokenizer": tokenizer_hash(tok), "splits": shard_hashes},
+                                        sort_keys=True).encode()).hexdigest()[:16]
+    manifest = {
+        "format": FORMAT, "version": VERSION, "fingerprint": content,
+        "dtype": _dtype_for(vocab).name, "vocab_size": vocab,
+        "tokenizer": {"file": "tokenizer.json", "sha256": tokenizer_hash(tok), "pad": pad, "bos": bos, "eos": eos},
+        "inputs": inputs, "splits": splits, "build": build,
+    }
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _merge(out: Path, spec: BuildSpec, reports: list[dict], plan: dict[str, int], tok: Tokenizer,
+           log: Callable[[str], None]) -> None:
     splits = {}
     for split, n in plan.items():
         if not n:
@@ -429,18 +445,10 @@ def _merge(out: Path, spec: BuildSpec, reports: list[dict], plan: dict[str, int]
         splits[split] = {"documents": int(lengths.size), "tokens": int(lengths.sum()),
                          "shards": [{k: m[k] for k in ("name", "documents", "tokens", "sha256")} for m in metas]}
     bad = {r["input"]: {k: v for k, v in r["bad"].items() if v} for r in reports if any(r["bad"].values())}
-    shard_hashes = {k: [s["sha256"] for s in v["shards"]] for k, v in splits.items()}
-    content = hashlib.sha256(json.dumps({"tokenizer": tokenizer_hash(tok), "splits": shard_hashes},
-                                        sort_keys=True).encode()).hexdigest()[:16]
-    manifest = {
-        "format": FORMAT, "version": VERSION, "fingerprint": content,
-        "dtype": _dtype_for(vocab).name, "vocab_size": vocab,
-        "tokenizer": {"file": "tokenizer.json", "sha256": tokenizer_hash(tok), "pad": pad, "bos": bos, "eos": eos},
-        "inputs": {"files": len(reports), "documents": sum(r["documents"] for r in reports),
-                   "bad": {k: sum(r["bad"][k] for r in reports) for k in BAD_KINDS}, "bad_by_file": bad},
-        "splits": splits, "build": _spec_record(spec),
-    }
-    atomic_write(out / "manifest.json", json.dumps(manifest, indent=1))
+    inputs = {"files": len(reports), "documents": sum(r["documents"] for r in reports),
+              "bad": {k: sum(r["bad"][k] for r in reports) for k in BAD_KINDS}, "bad_by_file": bad}
+    manifest = _write_manifest(out, tok, splits, inputs, _spec_record(spec))
+    content = manifest["fingerprint"]
     shutil.rmtree(out / "build", ignore_errors=True)
     for split in splits:
         for suffix in ("len", "unigram"):
@@ -638,12 +646,5 @@ def write_store(out: str | Path, documents: dict[str, Sequence[np.ndarray]], *, 
         names = {i: f"t{i}" for i in range(vocab_size)} | {pad: PAD, bos: BOS, eos: EOS}
         tokenizer = Tokenizer(models.WordLevel({v: k for k, v in names.items()}, unk_token=PAD))
     atomic_write(out / "tokenizer.json", tokenizer.to_str())
-    fp = hashlib.sha256(json.dumps({k: v["shards"][0]["sha256"] for k, v in splits.items()},
-                                   sort_keys=True).encode()).hexdigest()[:16]
-    manifest = {"format": FORMAT, "version": VERSION, "fingerprint": fp, "dtype": dtype.name,
-                "vocab_size": vocab_size,
-                "tokenizer": {"file": "tokenizer.json", "sha256": tokenizer_hash(tokenizer), "pad": pad, "bos": bos,
-                              "eos": eos},
-                "inputs": {}, "splits": splits, "build": {}}
-    atomic_write(out / "manifest.json", json.dumps(manifest, indent=1))
+    _write_manifest(out, load_tokenizer(out / "tokenizer.json"), splits, inputs={}, build={})
     return TokenStore(out)

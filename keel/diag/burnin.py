@@ -128,18 +128,7 @@ def judge(check: str, metric: str, unit: str, values: dict[int, float], ctx: Con
     return out
 
 
-def _time(fn: Callable[[], Any], repeats: int) -> float:
-    """Best wall time of `repeats` calls (after one warm-up), each waited on."""
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _best_times(fns: dict[int, Callable[[], Any]], repeats: int) -> dict[int, float]:
+def _best_times(fns: dict[Any, Callable[[], Any]], repeats: int) -> dict[Any, float]:
     """Best wall time per device of `repeats` calls, the devices taking turns: a burst of noise from elsewhere
     on the machine hits every device a little instead of one device a lot."""
     for fn in fns.values():
@@ -360,13 +349,12 @@ def check_collectives(ctx: Context) -> list[Measurement]:
     out = []
     for name, (_, factor, expected) in _collectives(n).items():
         fn = _collective_fn(name, tuple(ctx.devices))
-        t = _time(lambda fn=fn: fn(x), s.repeats)
-        got = {sh.device.id: ctx.faults.collective(sh.device.id, np.asarray(sh.data)) for sh in
-               fn(x).addressable_shards}
+        t = _best_times({0: lambda fn=fn: fn(x)}, s.repeats)[0]
         want = expected(full)
-        index = {sh.device.id: sh.index for sh in fn(x).addressable_shards}
-        for dev, g in got.items():
-            bad = int((g.view(np.uint32) != np.ascontiguousarray(want[index[dev]]).view(np.uint32)).sum())
+        for sh in fn(x).addressable_shards:
+            dev = sh.device.id
+            got = ctx.faults.collective(dev, np.asarray(sh.data))
+            bad = int((got.view(np.uint32) != np.ascontiguousarray(want[sh.index]).view(np.uint32)).sum())
             out.append(Measurement("collectives", f"{name} wrong elements", bad, "elements", WRONG if bad else PASS,
                                    device=dev, threshold="== 0"))
         algbw = full.nbytes / n / t / 1e9
