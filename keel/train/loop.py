@@ -279,14 +279,19 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int
     bar = tqdm(total=steps, initial=start, disable=not progress or host != 0, unit="step",
                dynamic_ncols=True, desc="train")
     try:
+        def skip_to(step: int) -> None:
+            """Steps in data.skip_steps get no update: the step counter moves past them."""
+            events.emit("data_skip", start=done, stop=step)
+            bar.update(step - done)
+            state["step"] = jax.device_put(jnp.asarray(step, jnp.int32), replicated)
+
         with _StopSignal() as sig:
             t_prev = time.perf_counter()
+            done = start  # the step the state is at, kept on the host (no device read per step)
             for step, host_batch in prefetch:
                 wait = prefetch.last_wait_s
-                if step != int(state["step"]):  # steps in data.skip_steps: no update, the counter moves on
-                    events.emit("data_skip", start=int(state["step"]), stop=step)
-                    bar.update(step - int(state["step"]))
-                    state["step"] = jax.device_put(jnp.asarray(step, jnp.int32), replicated)
+                if step != done:
+                    skip_to(step)
                 state, m = step_fn(state, to_device(host_batch))
                 m = jax.device_get(m)  # one sync per step: the step time below is real compute time
                 now = time.perf_counter()
@@ -321,6 +326,11 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, host: int, n_hosts: int
                     save(done)
                 if done == stop:
                     break
+            else:  # the last steps before `stop` were all in the skip list
+                if done < stop:
+                    skip_to(stop)
+                    done = stop
+                    save(stop)
     finally:
         bar.close()
         prefetch.close()
