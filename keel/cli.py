@@ -7,12 +7,8 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 
-from keel.config import ConfigError, load_config, preset_names
-
-EXIT_CONFIG = 2
-EXIT_CHECKPOINT = 3
-EXIT_DATA = 4
-EXIT_PREEMPTED = 143  # 128 + SIGTERM: the launcher should restart the job, which then resumes
+from keel.config import load_config, preset_names
+from keel.errors import EXIT_PREEMPTED, KeelError
 
 
 def _human(n: float) -> str:
@@ -106,20 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from keel.data.store import DataError
-    from keel.train.checkpoint import CheckpointError
-
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as e:
-        print(f"keel: config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except DataError as e:
-        print(f"keel: data error: {e}", file=sys.stderr)
-        return EXIT_DATA
-    except CheckpointError as e:
-        print(f"keel: checkpoint error: {e}", file=sys.stderr)
-        return EXIT_CHECKPOINT
+    except KeelError as e:
+        print(f"keel: {e.kind}: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -18,11 +18,9 @@ from typing import Any
 
 import yaml
 
+from keel.errors import ConfigError
+
 PRESET_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration the user must fix; the message names the key and what is allowed."""
 
 
 def choices(*allowed: str, default: str) -> Any:
@@ -80,6 +78,9 @@ class DataConfig:
     text_field: str = "text"
     seq_len: int = 128
     heldout_fraction: float = 0.02
+    # Where the store built from `corpus` is cached, under a key of its content (files, sizes, mtimes, tokenizer,
+    # settings), so runs on the same corpus share it; empty: <run_dir>/data.
+    cache_dir: str = ""
     # A mixture of prebuilt stores (each with a held-out split); replaces `corpus`.
     sources: tuple[SourceConfig, ...] = ()
     mixture_schedule: tuple[MixtureChange, ...] = ()
@@ -159,8 +160,8 @@ class Config:
 # Keys that may differ when a run resumes: they change how the run is observed, not what it computes.
 # (data.skip_steps is checked separately: only the part of it before the checkpoint's step must agree.)
 RESUMABLE_KEYS = frozenset({
-    "run_dir", "data.skip_steps", "data.prefetch", "train.log_every", "train.stop_at", "train.sample_tokens",
-    "train.sample_prompt", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save",
+    "run_dir", "data.cache_dir", "data.skip_steps", "data.prefetch", "train.log_every", "train.stop_at",
+    "train.sample_tokens", "train.sample_prompt", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save",
 })
 
 

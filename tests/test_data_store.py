@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from keel.cli import EXIT_DATA, main
+from keel.cli import main
 from keel.data.store import BuildSpec, DataError, TokenStore, build_store
+from keel.errors import EXIT_DATA
 
 
 @pytest.fixture(scope="module")

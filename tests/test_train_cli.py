@@ -10,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from keel.cli import EXIT_CHECKPOINT, EXIT_CONFIG, main
+from keel.cli import main
 from keel.config import load_config
+from keel.errors import EXIT_CHECKPOINT, EXIT_CONFIG
 from keel.train.events import read_events
 from keel.train.loop import load_params
 

@@ -50,7 +50,8 @@ class Source:
 
 def corpus_store(cfg: Config, run_dir: Path, log=print, progress: bool = False, builder: bool = True,
                  wait_s: float = 7200.0) -> TokenStore:
-    """The store of `data.corpus` (built by `keel data build` on first use), cached under run_dir/data/.
+    """The store of `data.corpus` (built by `keel data build` on first use), cached under `data.cache_dir`
+    (default run_dir/data/) by a key of its content.
 
     In a multi-host run only the builder (host 0) builds; the others wait for its manifest on the shared
     run directory."""
@@ -62,7 +63,7 @@ def corpus_store(cfg: Config, run_dir: Path, log=print, progress: bool = False, 
     listing = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
     tok_key = tokenizer_hash(load_tokenizer(d.tokenizer)) if d.tokenizer else f"bpe-{cfg.model.vocab_size}"
     key = hashlib.sha256(json.dumps([listing, tok_key, d.heldout_fraction, d.text_field]).encode()).hexdigest()[:16]
-    out = run_dir / "data" / key
+    out = Path(d.cache_dir or run_dir / "data") / key
     spec = BuildSpec(inputs=tuple(files), out=str(out), tokenizer=d.tokenizer, vocab_size=cfg.model.vocab_size,
                      text_field=d.text_field, heldout_fraction=d.heldout_fraction)
     t0 = time.perf_counter()

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from keel.data.order import mix64
 from keel.data.tokenizer import load_tokenizer, special_ids, tokenizer_hash, train_bpe
+from keel.errors import DataError
 from keel.io import atomic_write
 
 FORMAT = "keel-token-store"
@@ -46,10 +47,6 @@ SPLITS = ("train", "heldout")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 BAD_KINDS = ("malformed_json", "missing_field", "not_utf8", "empty")
 DEFAULT_SHARD_TOKENS = 1 << 28
-
-
-class DataError(ValueError):
-    """Input data or a store the user must fix; the message names the file (and line)."""
 
 
 # ------------------------------------------------------------------------------------------------ reading

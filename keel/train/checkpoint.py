@@ -11,9 +11,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names it and what to do. Nothing is deleted."""
+from keel.errors import CheckpointError
 
 
 class Checkpointer:
