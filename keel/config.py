@@ -366,7 +366,7 @@ def _validate_data(d: DataConfig) -> None:
             raise ConfigError(f"data.mixture_schedule[{i}].weights: unknown source {unknown[0]!r}; sources: {names}")
         if any(w < 0 for w in ch.weights.values()) or sum(ch.weights.values()) <= 0:
             raise ConfigError(f"data.mixture_schedule[{i}].weights must be >= 0 with a positive sum")
-    from keel.data.order import SkipList
+    from keel.train.plan import SkipList
 
     try:
         SkipList(d.skip_steps)

@@ -1,11 +1,11 @@
-"""The sample-order math, property-tested: bijection, exact mixtures, schedules, skip lists."""
+"""The sample-order math, property-tested: bijection, exact mixtures, schedules."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keel.data.order import KeyedPermutation, Mixture, MixturePlan, SampleOrder, SkipList, permute
+from keel.data.order import KeyedPermutation, Mixture, MixturePlan, SampleOrder, permute
 
 SIZES = [1, 2, 3, 4, 5, 7, 8, 9] + [2**k + 1 for k in range(2, 17)] + [2**k for k in range(4, 15)]
 
@@ -104,17 +104,6 @@ def test_sources_are_shuffled_inside_the_batch():
     rows = _order(batch=64).rows(np.arange(20))
     first_block = [(r[: int((r == 0).sum())] == 0).all() for r in rows.source]
     assert not all(first_block)
-
-
-def test_skip_list_parsing_and_membership():
-    skip = SkipList(["10-12", 3, "11-15", "20"])
-    assert skip.ranges == [(3, 3), (10, 15), (20, 20)]
-    assert [s for s in range(25) if s in skip] == [3, 10, 11, 12, 13, 14, 15, 20]
-    assert skip.before(12) == [(3, 3), (10, 11)]
-    assert skip.count(0, 25) == 8
-    for bad in ("x", "5-2", "-3"):
-        with pytest.raises(ValueError, match="skip entry"):
-            SkipList([bad])
 
 
 def test_weights_that_never_repeat_are_refused():

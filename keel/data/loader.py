@@ -28,10 +28,11 @@ from tokenizers import Tokenizer
 
 from keel.config import Config, ConfigError
 from keel.data.corpus import stdlib_files
-from keel.data.order import MixturePlan, Rows, SampleOrder, SkipList
+from keel.data.order import MixturePlan, Rows, SampleOrder
 from keel.data.pack import Batch
 from keel.data.store import BuildSpec, DataError, Split, TokenSpace, TokenStore, build_store
 from keel.data.tokenizer import load_tokenizer, tokenizer_hash
+from keel.train.plan import SkipList
 
 ORDER_VERSION = 2
 

@@ -11,7 +11,7 @@ number of sequences:
   stays strictly within 1 of w_s x sequences seen at every batch boundary. The schedule is periodic (period =
   the common denominator of the fractional parts); one period is tabulated, any step is a table lookup.
 - `MixturePlan`: weights that change at given steps (segments); counts before a change never depend on it.
-- `SkipList`: steps whose data is skipped; the batches of all other steps are unchanged.
+(Skipped steps are not part of the order: `keel.train.plan` owns the skip list, and every batch stays put.)
 """
 
 from __future__ import annotations
@@ -236,44 +236,6 @@ class MixturePlan:
     def counts(self, steps: np.ndarray | int) -> np.ndarray:
         steps = np.asarray(steps, dtype=np.int64)
         return self.cumulative(steps + 1) - self.cumulative(steps)
-
-
-# ------------------------------------------------------------------------------------------------ skip list
-
-
-class SkipList:
-    """Steps whose batches are not trained on: entries "N" or "A-B" (inclusive)."""
-
-    def __init__(self, entries: Sequence[str | int] = ()):
-        ranges = []
-        for e in entries:
-            text = str(e).strip()
-            try:
-                lo, _, hi = text.partition("-")
-                a, b = int(lo), int(hi) if hi else int(lo)
-            except ValueError:
-                raise ValueError(f"skip entry {e!r} is not a step N or a range A-B") from None
-            if a < 0 or b < a:
-                raise ValueError(f"skip entry {e!r}: need 0 <= A <= B")
-            ranges.append((a, b))
-        ranges.sort()
-        merged: list[tuple[int, int]] = []
-        for a, b in ranges:
-            if merged and a <= merged[-1][1] + 1:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
-            else:
-                merged.append((a, b))
-        self.ranges = merged
-
-    def __contains__(self, step: int) -> bool:
-        return any(a <= step <= b for a, b in self.ranges)
-
-    def before(self, step: int) -> list[tuple[int, int]]:
-        """The part of the list that covers steps < step (what a checkpoint at `step` has already applied)."""
-        return [(a, min(b, step - 1)) for a, b in self.ranges if a < step]
-
-    def count(self, start: int, stop: int) -> int:
-        return sum(max(0, min(b, stop - 1) - max(a, start) + 1) for a, b in self.ranges)
 
 
 # ------------------------------------------------------------------------------------------------ batches
