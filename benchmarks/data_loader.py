@@ -58,10 +58,11 @@ def main() -> None:
     import grain
 
     from keel.config import load_config
+    from keel.data.build import write_store
     from keel.data.loader import DataSource
     from keel.data.order import MixturePlan, SampleOrder
     from keel.data.pack import expand
-    from keel.data.store import write_store
+    from keel.data.prepare import prepare_data
 
     rng = np.random.default_rng(0)
     tmp = Path(tempfile.mkdtemp(prefix="keel-bench-"))
@@ -82,7 +83,7 @@ def main() -> None:
                                f"model.vocab_size={vocab}", f"run_dir={tmp / 'run'}"])
 
     def open_keel() -> DataSource:
-        return DataSource(cfg, tmp / "run", log=lambda s: None)
+        return prepare_data(cfg, tmp / "run", log=lambda s: None)
 
     def open_grain():
         return (grain.MapDataset.range(n_windows).shuffle(seed=0)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Callable, Sequence
 
 from keel.config import load_config, preset_names
-from keel.errors import EXIT_PREEMPTED, KeelError
+from keel.errors import KeelError
 
 
 def _human(n: float) -> str:
@@ -32,25 +31,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if jax.process_index() == 0:
         print(summary.table())
-    return EXIT_PREEMPTED if summary.stopped_early and summary.step < (cfg.train.stop_at or cfg.train.steps) \
-        else 0
+    return summary.exit_code
 
 
 def dry_run(cfg) -> int:
     """What the run would be, from abstract shapes alone: nothing is allocated, no data is read."""
-    import jax
-
     from keel.model import transformer
-    from keel.optim.optimizers import build_optimizer
-    from keel.train.loop import state_init_fn
+    from keel.train.state import abstract_state, state_bytes
 
-    abstract = jax.eval_shape(state_init_fn(cfg, build_optimizer(cfg)[0]), jax.random.key(0))
-    n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract["params"]))
-    state_bytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(abstract))
+    abstract = abstract_state(cfg)
+    n_params = transformer.count_params(cfg.model)
     flops = transformer.model_flops_per_token(cfg.model, cfg.data.seq_len)
     tokens = cfg.train.batch_size * cfg.data.seq_len
     print(f"parameters:        {n_params:,} ({_human(n_params)})")
-    print(f"train state:       {state_bytes / 2**30:.2f} GiB (params + optimizer state)")
+    print(f"train state:       {state_bytes(abstract) / 2**30:.2f} GiB (params + optimizer state)")
     print(f"FLOPs per token:   {_human(flops)} (training, 6N + attention)")
     print(f"tokens per step:   {tokens:,}; whole run {_human(tokens * cfg.train.steps)} tokens, "
           f"{_human(flops * tokens * cfg.train.steps)} FLOPs")

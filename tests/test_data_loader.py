@@ -1,14 +1,18 @@
-"""DataSource: the run's batches from token stores — replay, hosts, resume, packing, mixtures, errors."""
+"""The run's data: `prepare_data` (stores opened or built, errors of the right kind) and `DataSource` (batches by
+step — replay, hosts, resume, packing, mixtures), plus the inspection functions over it."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keel.config import ConfigError, load_config
-from keel.data.loader import DataSource, Prefetcher
+from keel.config import load_config
+from keel.data.build import write_store
+from keel.data.inspect import inspect_batch, source_stats, unigram_entropy
+from keel.data.loader import Prefetcher
 from keel.data.pack import expand
-from keel.data.store import DataError, write_store
+from keel.data.prepare import prepare_data
+from keel.errors import ConfigError, DataError
 
 QUIET = {"log": lambda s: None}
 
@@ -35,7 +39,7 @@ def _mixture(stores, tmp_path, *extra, batch=16):
                     for (n, p), w in zip(stores.items(), (0.5, 0.2, 0.3), strict=True))
     cfg = load_config("tiny", [f"data.sources=[{srcs}]", "data.seq_len=64", f"train.batch_size={batch}",
                                f"run_dir={tmp_path}", *extra])
-    return DataSource(cfg, tmp_path, **QUIET)
+    return prepare_data(cfg, tmp_path, **QUIET)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,14 @@ def source(small_corpus, tmp_path_factory):
 
     run = tmp_path_factory.mktemp("run")
     cfg = load_config("tiny", [*TINY, f"data.corpus={small_corpus}", f"run_dir={run}"])
-    return DataSource(cfg, run, **QUIET)
+    return prepare_data(cfg, run, **QUIET)
+
+
+@pytest.fixture(scope="module")
+def corpus_args(source, small_corpus):
+    """Overrides that reuse `source`'s built corpus store (the cache key leaves out seq_len and the model)."""
+    return [f"data.corpus={small_corpus}", "model.vocab_size=512", "data.heldout_fraction=0.1",
+            f"data.cache_dir={source.sources[0].store.path.parent}"]
 
 
 def _equal(a, b):
@@ -54,8 +65,13 @@ def _equal(a, b):
 
 
 def test_corpus_goes_through_the_store_and_batches_replay(source, tmp_path):
+    from tests.conftest import TINY
+
     assert (source.sources[0].store.path / "manifest.json").exists()
-    again = DataSource(source.cfg, tmp_path, **QUIET)  # a fresh build (BPE retrained): same data, same batches
+    fresh = load_config("tiny", [*TINY, f"data.corpus={source.cfg.data.corpus}", f"run_dir={tmp_path}",
+                                 f"data.cache_dir={tmp_path / 'fresh'}"])
+    again = prepare_data(fresh, tmp_path, **QUIET)  # a fresh build (BPE retrained): same data, same batches
+    assert again.sources[0].store.path.parent == tmp_path / "fresh"
     assert again.fingerprint == source.fingerprint
     for step in (0, 1, 7, 1000):
         _equal(source.global_batch(step), again.global_batch(step))
@@ -96,7 +112,7 @@ def test_mixture_rows_and_epochs(stores, tmp_path):
     rows = data.rows(np.arange(100))
     counts = np.stack([np.bincount(r, minlength=3) for r in rows.source])
     np.testing.assert_array_equal(counts, np.tile([10, 4, 6], (100, 1)))
-    stats = {s["source"]: s for s in data.stats(100)}
+    stats = {s["source"]: s for s in source_stats(data, 100)}
     assert stats["code"]["sequences_consumed"] == 400
     assert stats["code"]["epochs_consumed"] == pytest.approx(400 / data.order.n_sequences[1])
 
@@ -104,7 +120,7 @@ def test_mixture_rows_and_epochs(stores, tmp_path):
 def test_max_epochs_is_checked_before_training_and_at_the_batch(stores, tmp_path):
     srcs = [f"{{name: {n}, path: '{p}', max_epochs: 1}}" for n, p in stores.items()]
     cfg = load_config("tiny", [f"data.sources=[{','.join(srcs)}]", "data.seq_len=64", f"run_dir={tmp_path}"])
-    data = DataSource(cfg, tmp_path, **QUIET)
+    data = prepare_data(cfg, tmp_path, **QUIET)
     n_code = data.order.n_sequences[1]
     limit_step = next(s for s in range(10_000) if data.plan.cumulative(s + 1)[1] > n_code)
     data.check_budget(limit_step)
@@ -166,7 +182,7 @@ def test_real_batches_start_documents_with_bos(source):
 
 
 def test_inspect_names_documents_and_text(source):
-    rows = source.inspect(3, host=1, n_hosts=2)
+    rows = inspect_batch(source, 3, host=1, n_hosts=2)
     assert [r["row"] for r in rows] == list(range(4, 8))
     seq_len = source.seq_len
     for r in rows:
@@ -184,31 +200,60 @@ def test_mixed_tokenizers_are_refused(stores, tmp_path):
     two = f"[{{name: a, path: '{stores['web']}'}}, {{name: b, path: '{other.path}'}}]"
     cfg = load_config("tiny", [f"data.sources={two}", f"run_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="different tokenizers"):
-        DataSource(cfg, tmp_path, **QUIET)
+        prepare_data(cfg, tmp_path, **QUIET)
 
 
-def test_corpus_too_small_for_seq_len(small_corpus, tmp_path):
-    cfg = load_config("tiny", [f"data.corpus={small_corpus}", "model.vocab_size=512", "data.seq_len=1000000"])
+def test_corpus_too_small_for_seq_len(corpus_args, tmp_path):
+    cfg = load_config("tiny", [*corpus_args, "data.seq_len=1000000"])
     with pytest.raises(ConfigError, match="data.seq_len=1000000"):
-        DataSource(cfg, tmp_path, **QUIET)
+        prepare_data(cfg, tmp_path, **QUIET)
 
 
-def test_tokenizer_larger_than_model_vocab(small_corpus, tmp_path):
-    cfg = load_config("tiny", [f"data.corpus={small_corpus}", "model.vocab_size=512", "data.heldout_fraction=0.1"])
-    built = DataSource(cfg, tmp_path / "a", **QUIET).sources[0].store.path / "tokenizer.json"
-    small = load_config("tiny", [f"data.corpus={small_corpus}", "model.vocab_size=300", "data.heldout_fraction=0.1",
-                                 f"data.tokenizer={built}"])
-    with pytest.raises(ConfigError, match="model.vocab_size=300"):
-        DataSource(small, tmp_path / "b", **QUIET)
+def test_tokenizer_larger_than_model_vocab(source, corpus_args, stores, tmp_path):
+    cache = source.sources[0].store.path.parent
+    built, before = source.sources[0].store.path / "tokenizer.json", set(cache.iterdir())
+    small = load_config("tiny", [*corpus_args, "model.vocab_size=300", f"data.tokenizer={built}"])
+    with pytest.raises(ConfigError, match="model.vocab_size=300 is smaller than the vocabulary of data.tokenizer="):
+        prepare_data(small, tmp_path, **QUIET)
+    assert set(cache.iterdir()) == before  # refused before building a store with it
+    cfg = load_config("tiny", [f"data.sources=[{{name: web, path: '{stores['web']}'}}]", "model.vocab_size=500"])
+    with pytest.raises(ConfigError, match="model.vocab_size=500 is smaller than the vocabulary of the tokenizer of"):
+        prepare_data(cfg, tmp_path, **QUIET)
 
 
 def test_missing_corpus_and_store(tmp_path):
     cfg = load_config("tiny", [f"data.corpus={tmp_path}/*.txt"])
     with pytest.raises(ConfigError, match="matches no files"):
-        DataSource(cfg, tmp_path, **QUIET)
+        prepare_data(cfg, tmp_path, **QUIET)
     cfg = load_config("tiny", [f"data.sources=[{{name: x, path: '{tmp_path}/nope'}}]"])
-    with pytest.raises(ConfigError, match="not a complete token store"):
-        DataSource(cfg, tmp_path, **QUIET)
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].path=.*nope.* does not exist"):
+        prepare_data(cfg, tmp_path, **QUIET)
+    (tmp_path / "half").mkdir()
+    cfg = load_config("tiny", [f"data.sources=[{{name: x, path: '{tmp_path}/half'}}]"])
+    with pytest.raises(DataError, match="not a complete token store"):
+        prepare_data(cfg, tmp_path, **QUIET)
+
+
+def test_a_damaged_store_stays_a_data_error(stores, tmp_path):
+    import shutil
+
+    copy = tmp_path / "web"
+    shutil.copytree(stores["web"], copy)
+    shard = copy / "train" / "shard-00000.tok"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    cfg = load_config("tiny", [f"data.sources=[{{name: web, path: '{copy}'}}]", "data.seq_len=64"])
+    with pytest.raises(DataError, match=f"{shard}.*damaged") as e:
+        prepare_data(cfg, tmp_path, **QUIET)
+    assert not isinstance(e.value, ConfigError) and e.value.exit_code == 4
+
+
+def test_unigram_entropy_of_the_mixture(stores, tmp_path):
+    data = _mixture(stores, tmp_path)
+    p = sum(w * np.bincount(s.train.tokens(0, s.train.n_tokens), minlength=1000) / s.train.n_tokens
+            for s, w in zip(data.sources, (0.5, 0.2, 0.3), strict=True))
+    p = p[p > 0]
+    assert unigram_entropy(data) == pytest.approx(-(p * np.log(p)).sum(), rel=1e-12)
+    assert 0 < unigram_entropy(data) < np.log(1000)
 
 
 @pytest.fixture(scope="module")
@@ -228,17 +273,3 @@ def test_property_hosts_replay_and_resume(mixed, step, hosts, resume):
     start = max(0, step - resume)
     got = dict(mixed.host_batches(range(start, step + 1), block=3))[step]
     _equal(got, whole)
-
-
-@settings(max_examples=15, deadline=None)
-@given(ranges=st.lists(st.tuples(st.integers(0, 60), st.integers(0, 8)), max_size=4))
-def test_property_skip_list_changes_only_skipped_steps(stores, tmp_path_factory, ranges):
-    entries = [f"{a}-{a + n}" for a, n in ranges]
-    skipping = _mixture(stores, tmp_path_factory.mktemp("skip"), f"data.skip_steps=[{','.join(entries)}]")
-    plain = _mixture(stores, tmp_path_factory.mktemp("plain"))
-    expected = {s for a, n in ranges for s in range(a, a + n + 1)}
-    assert {s for s in range(80) if s in skipping.skip} == expected
-    for step in range(0, 80, 7):
-        if step not in expected:
-            _equal(skipping.global_batch(step), plain.global_batch(step))
-    assert skipping.fingerprint == plain.fingerprint  # the order does not depend on the list

@@ -101,9 +101,19 @@ def test_rows_are_replayable_and_blocking_free():
 
 
 def test_sources_are_shuffled_inside_the_batch():
-    rows = _order(batch=64).rows(np.arange(20))
-    first_block = [(r[: int((r == 0).sum())] == 0).all() for r in rows.source]
-    assert not all(first_block)
+    """The rows of each source sit at a fresh uniform random set of positions per step (a keyed permutation of
+    [0, B) per step): each source reaches both halves of every batch, every (source, position) cell is filled at
+    its share's rate, and consecutive layouts agree only as often as independent ones would. Replay is exact."""
+    steps = np.arange(400)
+    source = _order(batch=64).rows(steps).source  # (400, 64): exactly 32, 16, 16 rows of a, b, c per batch
+    share = np.array([32, 16, 16]) / 64
+    for s in range(3):
+        assert ((source[:, :32] == s).any(1) & (source[:, 32:] == s).any(1)).all()
+    counts = np.stack([(source == s).sum(0) for s in range(3)])  # (3, 64): steps with source s at row r
+    binomial_sd = np.sqrt(len(steps) * share * (1 - share))[:, None]
+    assert (np.abs(counts - len(steps) * share[:, None]) < 4.5 * binomial_sd).all()
+    assert abs((source[1:] == source[:-1]).mean() - (share**2).sum()) < 0.02  # 0.375 for independent layouts
+    np.testing.assert_array_equal(_order(batch=64).rows(steps[::-1]).source[::-1], source)
 
 
 def test_weights_that_never_repeat_are_refused():

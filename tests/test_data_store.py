@@ -1,17 +1,23 @@
-"""`keel data build`: formats, bad input, multi-worker equality, restartability, and the CLI around it."""
+"""Token stores: `keel data build` (formats, bad input, multi-worker equality, restartability, the CLI around
+it) and reading them back (damage detection, windows across shards, out-of-range reads refused)."""
 
 import gzip
 import json
+import re
+import shutil
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from keel.cli import main
-from keel.data.store import BuildSpec, DataError, TokenStore, build_store
-from keel.errors import EXIT_DATA
+from keel.data.build import BuildSpec, build_store, write_store
+from keel.data.store import TokenSpace, TokenStore
+from keel.errors import EXIT_CONFIG, EXIT_DATA, DataError
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +112,36 @@ def test_parallel_processes_and_an_interrupted_build(store, inputs, tmp_path):
 
 
 def test_damaged_store_is_named(store, tmp_path):
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(store.path, copy)
     shard = copy / "train" / "shard-00000.tok"
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(DataError, match=f"{shard}.*damaged"):
         TokenStore(copy)
+
+
+def test_damaged_store_exits_with_the_data_code_not_the_config_one(store, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(store.path, copy)
+    (copy / "heldout" / "offsets.bin").write_bytes(b"\0" * 8)
+    args = ["data", "stats", f"data.sources=[{{name: web, path: '{copy}'}}]", "data.seq_len=32",
+            "model.vocab_size=512", f"run_dir={tmp_path / 'run'}"]
+    assert main(args) == EXIT_DATA
+    assert f"data error: store index {copy / 'heldout' / 'offsets.bin'} does not match" in capsys.readouterr().err
+    shutil.copy(store.path / "heldout" / "offsets.bin", copy / "heldout" / "offsets.bin")
+    (copy / "tokenizer.json").write_text("{not json")
+    assert main(args) == EXIT_DATA
+    assert f"data error: store tokenizer='{copy / 'tokenizer.json'}' is not a valid" in capsys.readouterr().err
+
+
+def test_a_bad_tokenizer_flag_is_named(inputs, tmp_path, capsys):
+    common = ["data", "build", str(inputs / "e.txt"), "--out", str(tmp_path / "s"), "--no-progress", "--jobs", "1"]
+    assert main([*common, "--tokenizer", str(tmp_path / "missing.json")]) == EXIT_CONFIG
+    assert f"config error: --tokenizer='{tmp_path / 'missing.json'}': file not found" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    assert main([*common, "--tokenizer", str(tmp_path / "bad.json")]) == EXIT_CONFIG
+    assert "config error: --tokenizer=" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "build").exists()  # refused before any work
 
 
 def test_data_cli_inspect_and_stats(small_corpus, tmp_path, capsys):
@@ -163,11 +191,82 @@ def test_foreign_tokenizer_without_keel_specials(inputs, tmp_path):
 
 
 def test_large_vocab_stores_uint32(tmp_path):
-    from keel.data.store import write_store
-
     docs = [np.array([1, 70_000, 5, 2]), np.array([1, 3, 69_999, 4, 2])]
     store = write_store(tmp_path / "big", {"train": docs}, vocab_size=70_001)
     tokens, first = store.split("train").gather(np.array([0, 1, 2]), 2)
     assert store.dtype == np.uint32 and tokens.dtype == np.uint32
     np.testing.assert_array_equal(tokens, [[1, 70_000, 5], [5, 2, 1], [1, 3, 69_999]])
     np.testing.assert_array_equal(first, [0, 2, 0])
+
+
+
+def _window_ids(draw, n: int, count: int) -> np.ndarray:
+    """`count` window ids of a split with n windows: all inside, or (half the time) one of them outside."""
+    ids = [draw(st.integers(0, n - 1)) if n else -1 for _ in range(count)]
+    if count and draw(st.booleans()):
+        ids[draw(st.integers(0, count - 1))] = draw(st.sampled_from([-1, -(2**40), n, n + 1, 2**40]))
+    return np.array(ids, dtype=np.int64)
+
+
+def _first_outside(splits, ids, seq):
+    """The error the gather must raise: the first id outside its split, splits in order (None: all inside)."""
+    for sp, w in zip(splits, ids, strict=True):
+        n = sp.windows(seq)
+        bad = w[(w < 0) | (w >= n)]
+        if bad.size:
+            return re.escape(f"window {bad[0]} of split {sp.root} is outside [0, {n})")
+    return None
+
+
+def _check_rows(splits, ids, which, seq, tokens, first):
+    rank = {k: 0 for k in range(len(splits))}
+    for r, k in enumerate(which.ravel()):
+        sp, w = splits[k], int(ids[k][rank[k]])
+        rank[k] += 1
+        np.testing.assert_array_equal(tokens.reshape(-1, seq + 1)[r], sp.tokens(w * seq, w * seq + seq + 1))
+        doc = np.searchsorted(sp.offsets, w * seq, side="right") - 1
+        assert first.ravel()[r] == w * seq - sp.offsets[doc]
+
+
+@settings(max_examples=120, deadline=None)
+@given(seq=st.integers(1, 60), rows=st.integers(1, 12), data=st.data())
+def test_property_gather_reads_its_windows_or_refuses_ids_outside_the_split(store, seq, rows, data):
+    """Token reads go through raw addresses: any id outside [0, windows) must be an IndexError naming the split and
+    the window, never a read outside the maps. Inside, a window (even across a shard's end) is its tokens."""
+    splits = [store.split("train"), store.split("heldout")]
+    assert len(splits[0].shards) > 2
+    # Split.gather: one split
+    ids = _window_ids(data.draw, splits[0].windows(seq), rows)
+    error = _first_outside(splits[:1], [ids], seq)
+    if error:
+        with pytest.raises(IndexError, match=error):
+            splits[0].gather(ids, seq)
+    else:
+        tokens, first = splits[0].gather(ids, seq)
+        _check_rows(splits[:1], [ids], np.zeros(rows, np.int64), seq, tokens, first)
+    # TokenSpace.gather: rows of two splits interleaved, in a (2, rows) layout as the loader uses
+    which = np.array(data.draw(st.lists(st.integers(0, 1), min_size=2 * rows, max_size=2 * rows))).reshape(2, rows)
+    ids = [_window_ids(data.draw, sp.windows(seq), int((which == k).sum())) for k, sp in enumerate(splits)]
+    error = _first_outside(splits, ids, seq)
+    space = TokenSpace(splits, seq)
+    if error:
+        with pytest.raises(IndexError, match=error):
+            space.gather(ids, which)
+    else:
+        tokens, first = space.gather(ids, which)
+        assert tokens.shape == (2, rows, seq + 1) and first.shape == (2, rows)
+        _check_rows(splits, ids, which, seq, tokens, first)
+
+
+def test_reads_outside_a_split_are_refused(store):
+    train = store.split("train")
+    space = TokenSpace([train], 10)
+    with pytest.raises(ValueError, match="3 window ids for 2 rows"):
+        space.gather([np.array([0, 1, 2])], np.zeros(2, np.int64))
+    with pytest.raises(IndexError, match="split index outside"):
+        space.gather([np.array([0])], np.array([1]))
+    for start, stop in ((-1, 5), (5, train.n_tokens + 1), (7, 6)):
+        with pytest.raises(IndexError, match=f"tokens \\[{start}, {stop}\\) of split .*train are outside"):
+            train.tokens(start, stop)
+        with pytest.raises(IndexError):
+            train.documents_in(start, stop)

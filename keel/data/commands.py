@@ -1,4 +1,4 @@
-"""`keel data build | inspect | stats`."""
+"""`keel data build | inspect | stats`: the command line over `keel.data.build`, `prepare` and `inspect`."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from keel.data.store import BuildSpec, build_store
+    from keel.data.build import BuildSpec, build_store
 
     spec = BuildSpec(inputs=tuple(args.inputs), out=args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                      text_field=args.text_field, heldout_fraction=args.heldout_fraction,
@@ -65,26 +65,29 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _source(args: argparse.Namespace, quiet: bool):
-    from keel.data.loader import DataSource
+    from keel.data.prepare import prepare_data
 
     cfg = load_config(args.config or ["tiny"], args.overrides)
-    return cfg, DataSource(cfg, Path(cfg.run_dir), log=(lambda s: None) if quiet else print, progress=not quiet)
+    return cfg, prepare_data(cfg, Path(cfg.run_dir), log=(lambda s: None) if quiet else print, progress=not quiet)
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from keel.config import ConfigError
+    from keel.data.inspect import inspect_batch
+    from keel.errors import ConfigError
+    from keel.train.plan import SkipList
 
     cfg, data = _source(args, args.json)
     step = args.step or 0
     if not 0 <= args.host < args.hosts or cfg.train.batch_size % args.hosts:
         raise ConfigError(f"--host {args.host} of --hosts {args.hosts}: need 0 <= host < hosts and hosts dividing "
                           f"train.batch_size={cfg.train.batch_size}")
-    rows = data.inspect(step, args.host, args.hosts, args.chars)
+    rows = inspect_batch(data, step, args.host, args.hosts, args.chars)
+    skipped = step in SkipList(cfg.data.skip_steps)
     if args.json:
-        print(json.dumps({"step": step, "host": args.host, "hosts": args.hosts, "skipped": step in data.skip,
+        print(json.dumps({"step": step, "host": args.host, "hosts": args.hosts, "skipped": skipped,
                           "rows": rows}, indent=1))
         return 0
-    print(f"step {step}" + (" (in data.skip_steps: not trained on)" if step in data.skip else "")
+    print(f"step {step}" + (" (in data.skip_steps: not trained on)" if skipped else "")
           + f", rows {rows[0]['row']}..{rows[-1]['row']} of {cfg.train.batch_size}, seq_len {cfg.data.seq_len}")
     print(f"{'row':>4}  {'source':<12} {'sequence':>10} {'epoch':>5}  {'documents (id:start-end)':<28}  text")
     for r in rows:
@@ -97,10 +100,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    from keel.data.inspect import source_stats
+    from keel.train.plan import SkipList
+
     cfg, data = _source(args, args.json)
     step = cfg.train.steps if args.step is None else args.step
-    rows = data.stats(step)
-    skipped = data.skip.count(0, step)
+    rows = source_stats(data, step)
+    skipped = SkipList(cfg.data.skip_steps).count(0, step)
     if args.json:
         print(json.dumps({"step": step, "skipped_steps": skipped, "sources": rows}, indent=1))
         return 0

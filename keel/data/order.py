@@ -3,9 +3,10 @@
 Everything here is a pure function of (data config, seed, step) and costs O(batch) time and O(1) memory in the
 number of sequences:
 
-- `KeyedPermutation`: a bijection of [0, n) from a balanced Feistel network on the smallest even number of bits
-  that covers n, with cycle walking for the values >= n. A fresh key per (source, epoch) gives a fresh shuffle
-  per epoch without materialising anything.
+- `KeyedPermutation` / `permute`: a bijection of [0, n) from an unbalanced Feistel network of FEISTEL_ROUNDS = 6
+  rounds on b = bit_length(n - 1) bits (a high half of ceil(b/2) bits, a low half of floor(b/2) bits; splitmix64
+  as the round function), with cycle walking for the values >= n. A fresh key per (source, epoch) gives a fresh
+  shuffle per epoch without materialising anything.
 - `Mixture`: how many rows of each batch belong to each source. Per batch, source s gets floor(w_s B) rows plus
   0 or 1 "extra" row; the extras follow a Pfair (PD^2) schedule of the fractional parts, so the cumulative count
   stays strictly within 1 of w_s x sequences seen at every batch boundary. The schedule is periodic (period =
@@ -57,11 +58,13 @@ def _bit_length(n: np.ndarray) -> np.ndarray:
 def permute(i: np.ndarray, n: np.ndarray | int, key: np.ndarray | int) -> np.ndarray:
     """perm_{n,key}(i) elementwise: a keyed pseudo-random bijection of [0, n) for each element's (n, key).
 
-    An unbalanced Feistel network on b = bit_length(n - 1) bits, split into a high part of ceil(b/2) bits and a
-    low part of floor(b/2) bits; the rounds alternate `high ^= F(low)` and `low ^= F(high)` (each invertible),
-    with the splitmix64 finaliser as F. Values >= n are permuted again (cycle walking) until they land in
-    [0, n): walking follows i's cycle of the 2^b-permutation, so the result is a bijection of [0, n) for every
-    n, and since 2^b < 2n a walk takes fewer than 2 rounds on average.
+    An unbalanced Feistel network on b = bit_length(max(n - 1, 1)) bits (the fewest that hold n values; 1 for
+    n = 1), split into a high part of ceil(b/2) bits and a low part of floor(b/2) bits. FEISTEL_ROUNDS = 6 rounds
+    alternate, high first, `high ^= F(low ^ k_r)` and `low ^= F(high ^ k_r)`, with F the splitmix64 finaliser
+    cut to the updated part's width and k_r = mix64(key + r); each round is invertible. For n <= 2 (b = 1) the
+    low part is empty and only the high rounds act. Values >= n are put through the whole network again (cycle
+    walking) until they land in [0, n): walking follows i's cycle of the 2^b-permutation, so the result is a
+    bijection of [0, n) for every n, and since 2^b < 2n (n >= 2) a walk takes fewer than 2 passes on average.
     """
     i, n, key = np.broadcast_arrays(np.asarray(i, np.int64), np.asarray(n, np.int64),
                                     np.asarray(key, np.uint64))

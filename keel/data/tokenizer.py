@@ -1,4 +1,5 @@
-"""Tokenizers: any HF `tokenizer.json`, or a byte-level BPE trained on the corpus."""
+"""Tokenizers: any HF `tokenizer.json` (with keel's <pad>/<bos>/<eos> added), or a byte-level BPE trained on the
+corpus; a tokenizer's hash is what stores and runs compare."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from keel.config import ConfigError
+from keel.errors import ConfigError, KeelError
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
@@ -28,20 +29,25 @@ def train_bpe(texts: Sequence[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer.json, with keel's <pad>/<bos>/<eos> added if it lacks them (so its hash is stable)."""
+def load_tokenizer(path: str | Path, what: str = "data.tokenizer",
+                   error: type[KeelError] = ConfigError) -> Tokenizer:
+    """A tokenizer.json, with keel's <pad>/<bos>/<eos> added if it lacks them (so its hash is stable).
+
+    A missing or invalid file raises `error` naming `what`, the setting that gave the path: the config key,
+    a command-line flag (both config errors), or "store tokenizer" for a store's own copy (a data error)."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"data.tokenizer={str(path)!r}: file not found")
+    if not path.is_file():
+        raise error(f"{what}={str(path)!r}: file not found")
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise ConfigError(f"data.tokenizer={str(path)!r} is not a valid tokenizer.json: {e}") from e
+        raise error(f"{what}={str(path)!r} is not a valid tokenizer.json: {e}") from e
     special_ids(tok)
     return tok
 
 
 def tokenizer_hash(tok: Tokenizer) -> str:
+    """16 hex digits of the sha256 of the tokenizer's JSON: stores, runs and checkpoints compare these."""
     return hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
 
 

@@ -1,7 +1,7 @@
 """Checkpoints with Orbax: asynchronous saves, keep-last-k, restore onto the run's shardings.
 
 A checkpoint holds the training state (params, optimizer state, step) and a small JSON record with the run
-and data fingerprints, so a resume that would silently change the run is refused.
+and data fingerprints, so a resume that would silently change the run is refused (keel/train/resume.py).
 """
 
 from __future__ import annotations
@@ -9,14 +9,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from keel.config import Config
 from keel.errors import CheckpointError
+from keel.train.events import EventLog
+from keel.train.state import TrainState, abstract_state
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, keep: int, async_save: bool = True):
+    """`every`: the cadence of `maybe_save`; `events`: where save spans go (None: nowhere)."""
+
+    def __init__(self, directory: Path, keep: int, async_save: bool = True, every: int = 0,
+                 events: EventLog | None = None):
         self.directory = directory.resolve()
+        self.every = every
+        self.events = events
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save),
@@ -28,18 +38,29 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Returns once the state is copied off the device; the write finishes in the background."""
-        self.manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        )
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    def maybe_save(self, step: int, state: TrainState, meta: dict[str, Any], force: bool = False) -> None:
+        if force or self.due(step):
+            self.save(step, state, meta)
+
+    def save(self, step: int, state: TrainState, meta: dict[str, Any]) -> None:
+        """Returns once the state is copied off the device; the write finishes in the background."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state.as_dict()), meta=ocp.args.JsonSave(meta))
+        if self.events is None:
+            self.manager.save(step, args=args)
+            return
+        with self.events.span("checkpoint_save", step=step):
+            self.manager.save(step, args=args)
+
+    def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
+        """The state at `step` restored onto `target`'s shapes, dtypes and shardings, and the saved record."""
         try:
             out = self.manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                    state=ocp.args.StandardRestore(target.as_dict()), meta=ocp.args.JsonRestore()
                 ),
             )
         except Exception as e:
@@ -49,11 +70,31 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} cannot be restored ({type(e).__name__}: {e}); {hint}"
             ) from e
-        return out["state"], dict(out["meta"])
+        return TrainState.from_dict(out["state"]), dict(out["meta"])
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the last save to be written (the `checkpoint_wait` event), then release the manager."""
+        if self.events is None:
+            self.manager.wait_until_finished()
+        else:
+            with self.events.span("checkpoint_wait"):
+                self.manager.wait_until_finished()
         self.manager.close()
+
+
+def load_params(run_dir: str | Path, cfg: Config, step: int | None = None) -> tuple[Any, int]:
+    """The parameters of a run's checkpoint (latest by default), on the default device, as numpy arrays."""
+    ckpt = Checkpointer(Path(run_dir) / "checkpoints", keep=cfg.checkpoint.keep, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{run_dir} has no checkpoint")
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abstract_state(cfg))
+        state, _ = ckpt.restore(step, target)
+    finally:
+        ckpt.close()
+    return jax.tree.map(np.asarray, state.params), step

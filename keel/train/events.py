@@ -1,4 +1,4 @@
-"""Run events: one JSONL file per host, every line stamped with wall and monotonic time (design invariant 6).
+"""Run events: one JSONL file per host, every line stamped with wall and monotonic time (docs/design.md, invariant 6).
 
 Everything that costs wall time is an event (start, compile, step, checkpoint save/restore, eval, data wait,
 failure, end); goodput is computed from these files, never estimated.

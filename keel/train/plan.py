@@ -7,6 +7,11 @@ step's batch is unchanged. Skipped steps get no update; the step counter (and so
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from keel.config import Config
 
 
 class SkipList:
@@ -42,3 +47,32 @@ class SkipList:
 
     def count(self, start: int, stop: int) -> int:
         return sum(max(0, min(b, stop - 1) - max(a, start) + 1) for a, b in self.ranges)
+
+    def applied_before(self, step: int) -> list[list[int]]:
+        return [list(r) for r in self.before(step)]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The steps of a run from a checkpoint at `start`: those in [start, stop) not in the skip list get an
+    update; `steps` is the schedule's length (`train.steps`), `stop` where this process ends (`train.stop_at`)."""
+
+    steps: int
+    stop: int
+    skip: SkipList
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> StepPlan:
+        return cls(cfg.train.steps, cfg.train.stop_at or cfg.train.steps, SkipList(cfg.data.skip_steps))
+
+    def train_steps(self, start: int) -> list[int]:
+        return [s for s in range(start, self.stop) if s not in self.skip]
+
+    def resume_differences(self, saved_ranges: Sequence[Sequence[int]], step: int) -> list[str]:
+        """A checkpoint at `step` was trained with skip list `saved_ranges`: the part of it before `step` must be
+        the part of this plan's list before `step` (those steps are already trained, or already passed over)."""
+        saved = SkipList([f"{a}-{b}" for a, b in saved_ranges]).applied_before(step)
+        now = self.skip.applied_before(step)
+        if saved == now:
+            return []
+        return [f"data.skip_steps before step {step}: {saved} -> {now} (steps already trained)"]

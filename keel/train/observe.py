@@ -1,0 +1,181 @@
+"""The parts of the loop that watch a run, each deciding its own cadence: `StepLogger` (metrics, step events,
+the progress bar), `Evaluator` (held-out loss) and `Stopper` (end of the plan, `train.stop_at`, a signal).
+
+The step path never waits for the device: `StepLogger` reads a step's metrics when the next step has been
+dispatched, so the host stays one step ahead. A step's time is the interval between the moments two
+consecutive steps' metrics became readable, which is the device's completion time whenever the host is ahead
+(and the host's time when it is not: then the host is the bottleneck, and that is the step's real cost).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import jax
+from tqdm import tqdm
+
+from keel.config import Config
+from keel.train.events import EventLog
+from keel.train.run import Metrics, Run
+
+
+def metrics_writer(run_dir: Path, host: int) -> TextIO:
+    """metrics.jsonl, line-buffered; host 0 writes the run's metrics, the others write nowhere."""
+    return open(run_dir / "metrics.jsonl" if host == 0 else os.devnull, "a", buffering=1)  # noqa: SIM115
+
+
+@dataclass
+class _Pending:
+    step: int  # the step count after this step
+    metrics: Metrics
+    data_wait_s: float
+
+
+class StepLogger:
+    """Per-step events, metrics.jsonl every `train.log_every` steps, and the progress bar; one step late."""
+
+    def __init__(self, cfg: Config, events: EventLog, metrics: TextIO, bar: tqdm, flops_per_step: float,
+                 peak_flops: float, epochs: Callable[[int], dict[str, float]]):
+        self.cfg, self.events, self.metrics, self.bar = cfg, events, metrics, bar
+        self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+        self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
+        self.epochs = epochs
+        self.last_loss = float("nan")
+        self._pending: _Pending | None = None
+        self._clock = time.perf_counter()
+
+    def on_step(self, step: int, metrics: Metrics, data_wait_s: float) -> None:
+        """Record the step that ended at count `step`, and report the one before it (now likely complete)."""
+        self._report()
+        self._pending = _Pending(step, metrics, data_wait_s)
+
+    def on_skip(self, start: int, stop: int) -> None:
+        self.events.emit("data_skip", start=start, stop=stop)
+        self.bar.update(stop - start)
+
+    @contextmanager
+    def paused(self, last: bool = False) -> Iterator[None]:
+        """Around work that is not a step (evaluation, checkpoint): report the last step first (in
+        metrics.jsonl whatever `train.log_every` says if it is the `last` of this process), and do not count
+        the work in the next step's time."""
+        self._report(always=last)
+        try:
+            yield
+        finally:
+            self._clock = time.perf_counter()
+
+    def close(self) -> None:
+        self._report(always=True)
+
+    def _report(self, always: bool = False) -> None:
+        p, self._pending = self._pending, None
+        if p is None:
+            return
+        m = jax.device_get(p.metrics)  # blocks until step p.step is done; the next one is already queued
+        now = time.perf_counter()
+        dt, self._clock = now - self._clock, now
+        loss = float(m["loss"])
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {p.step - 1}")
+        self.last_loss = loss
+        self.events.emit("step", step=p.step, duration_s=dt, data_wait_s=p.data_wait_s, loss=loss)
+        self.bar.update(1)
+        if p.step % self.cfg.train.log_every and not always:
+            return
+        tps = self.tokens_per_step / dt
+        mfu = self.flops_per_step / dt / self.peak_flops
+        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * mfu:.1f}%", refresh=False)
+        rec = {"step": p.step, "loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
+               "tokens_per_s": tps, "mfu": mfu, "step_s": dt, "data_wait_s": p.data_wait_s,
+               "epochs": self.epochs(p.step), "tokens": p.step * self.tokens_per_step}
+        self.metrics.write(json.dumps(rec) + "\n")
+
+
+class Evaluator:
+    """The held-out loss every `train.eval_every` steps and at the end (per source: token mean; overall:
+    weighted by the initial mixture). The eval batches are placed on the devices once."""
+
+    def __init__(self, run: Run, eval_sets: dict[str, list], weights: dict[str, float], events: EventLog,
+                 metrics: TextIO, write: Callable[[str], None]):
+        self.run, self.events, self.metrics, self.write = run, events, metrics, write
+        self.sets = {name: [run.to_device(b) for b in batches] for name, batches in eval_sets.items()}
+        self.weights = weights
+        self.every = run.cfg.train.eval_every
+        self.last: tuple[int, float, dict[str, float]] | None = None
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def maybe(self, step: int, params: Any) -> None:
+        if self.due(step):
+            self.at(step, params)
+
+    def at(self, step: int, params: Any) -> tuple[float, dict[str, float]]:
+        """The held-out loss at `step` (evaluated once per step)."""
+        if self.last is None or self.last[0] != step:
+            overall, by_source = self._evaluate(params)
+            self.last = (step, overall, by_source)
+            rec: dict[str, Any] = {"step": step, "heldout_loss": overall}
+            if len(by_source) > 1:
+                rec["heldout_loss_by_source"] = by_source
+            self.metrics.write(json.dumps(rec) + "\n")
+            self.write(f"step {step}: held-out loss {overall:.4f}" + ("" if len(by_source) < 2 else
+                       " (" + ", ".join(f"{k} {v:.4f}" for k, v in by_source.items()) + ")"))
+        return self.last[1], self.last[2]
+
+    def _evaluate(self, params: Any) -> tuple[float, dict[str, float]]:
+        with self.events.span("eval") as ev:
+            by_source = {}
+            for name, batches in self.sets.items():
+                total = count = 0.0
+                for b in batches:
+                    loss, n = self.run.eval_loss(params, b)
+                    total, count = total + float(loss) * float(n), count + float(n)
+                by_source[name] = total / count
+            overall = sum(self.weights[k] * v for k, v in by_source.items())
+            ev["heldout_loss"] = overall
+            if len(by_source) > 1:
+                ev["heldout_loss_by_source"] = by_source
+        return overall, by_source
+
+
+class Stopper:
+    """Why the loop should stop after a step: "signal" (SIGTERM/SIGINT: checkpoint and exit 143), "stop_at"
+    (train.stop_at reached, a time slice), "done" (train.steps reached); None to go on. A context manager
+    that owns the signal handlers; a second signal stops at once (KeyboardInterrupt)."""
+
+    def __init__(self, steps: int, stop: int):
+        self.steps, self.stop = steps, stop
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> Stopper:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def check(self, step: int) -> str | None:
+        if step >= self.stop:
+            return "done" if step >= self.steps else "stop_at"
+        return "signal" if self.signal is not None else None

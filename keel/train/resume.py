@@ -1,0 +1,74 @@
+"""Start or continue a run: every check that keeps a resumed run the same run lives here.
+
+Running `keel train` twice on one run directory continues the run: the saved config must agree (up to the keys
+in `RESUMABLE_KEYS`), the data that trained the checkpoint must be the data that continues it, and the part of
+the skip list before the checkpoint must be unchanged. The data order is a function of the step, so a resumed
+run computes bitwise what an uninterrupted run computes (on CPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import yaml
+
+from keel.config import Config, ConfigError, dump_yaml, flatten, from_dict, resume_differences
+from keel.io import atomic_write
+from keel.train.checkpoint import Checkpointer
+from keel.train.events import EventLog
+from keel.train.plan import StepPlan
+from keel.train.run import Run
+from keel.train.state import TrainState
+
+RETRY = "\nuse a new run_dir, or pass --allow-config-change to resume anyway"
+
+
+def check_run_dir(cfg: Config, run_dir: Path, allow_config_change: bool) -> None:
+    """A run directory holds one run: refuse a config that would change it, then record the config."""
+    saved_path = run_dir / "config.yaml"
+    if saved_path.exists():
+        diffs = resume_differences(from_dict(yaml.safe_load(saved_path.read_text())), cfg)
+        if diffs and not allow_config_change:
+            raise ConfigError(f"{run_dir} holds a run with a different configuration; resuming would change it:\n  "
+                              + "\n  ".join(diffs) + RETRY)
+    if jax.process_index() == 0:
+        atomic_write(saved_path, dump_yaml(cfg))
+
+
+def checkpoint_meta(cfg_fingerprint: str, data_fingerprint: str, data_description: dict, plan: StepPlan) -> dict:
+    """The record saved with every checkpoint: what a resume compares against."""
+    return {"run_fingerprint": cfg_fingerprint, "data_fingerprint": data_fingerprint, "data": data_description,
+            "skip_steps": [list(r) for r in plan.skip.ranges]}
+
+
+def data_differences(saved_meta: dict[str, Any], meta: dict[str, Any], plan: StepPlan, step: int) -> list[str]:
+    """What differs between the data that trained a checkpoint at `step` and the data that would continue it."""
+    saved, now = flatten(saved_meta.get("data", {})), flatten(meta["data"])
+    diffs = [f"data {k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+             if saved.get(k) != now.get(k)]
+    if not saved_meta.get("data") and saved_meta.get("data_fingerprint") != meta["data_fingerprint"]:
+        diffs.append(f"data fingerprint {saved_meta.get('data_fingerprint')} -> {meta['data_fingerprint']}")
+    return diffs + plan.resume_differences(saved_meta.get("skip_steps", []), step)
+
+
+def restore_or_init(run: Run, ckpt: Checkpointer, meta: dict[str, Any], plan: StepPlan, events: EventLog,
+                    allow_config_change: bool, log: Callable[[str], None]) -> TrainState:
+    """The latest checkpoint's state if there is one (after the data checks), else a fresh state."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        with events.span("init"):
+            return run.init()
+    with events.span("checkpoint_restore", step=latest):
+        state, saved_meta = ckpt.restore(latest, run.restore_target())
+    diffs = data_differences(saved_meta, meta, plan, latest)
+    if diffs:
+        message = (f"checkpoint {latest} in {ckpt.directory.parent} was trained on other data; resuming would "
+                   f"change what the model saw:\n  " + "\n  ".join(diffs))
+        if not allow_config_change:
+            raise ConfigError(message + RETRY)
+        log(message + "\n(--allow-config-change: continuing with the new data order)")
+    log(f"resumed from checkpoint at step {latest}")
+    return state
