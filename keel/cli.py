@@ -25,7 +25,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from keel.parallel.distributed import DistributedArgs, initialize
     from keel.train.loop import train  # jax and friends load only once the config is known to be good
 
-    initialize(DistributedArgs(args.coordinator, args.num_processes, args.process_id, args.distributed == "auto"))
+    initialize(DistributedArgs.from_namespace(args))
     summary = train(cfg, progress=not args.no_progress, allow_config_change=args.allow_config_change)
     import jax
 
@@ -81,14 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--allow-config-change", action="store_true",
                    help="resume a run directory although its saved config differs")
-    d = t.add_argument_group("multi-host (default: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
-    d.add_argument("--coordinator", help="host:port of process 0")
-    d.add_argument("--num-processes", type=int, help="processes in the job (one per host)")
-    d.add_argument("--process-id", type=int, help="this process's index")
-    d.add_argument("--distributed", choices=["auto"], help="auto: let JAX detect the cluster (SLURM, MPI, TPU)")
     from keel.data import commands as data_commands
     from keel.diag import commands as diag_commands
+    from keel.parallel.distributed import add_distributed_args
 
+    add_distributed_args(t)
     data_commands.add_parser(sub)
     diag_commands.add_parser(sub)
     return parser

@@ -2,19 +2,24 @@
 
 A run is described by one `Config`: dataclass defaults (which are the tiny CPU model), then a YAML preset,
 then `key.sub=value` overrides. Every layer is checked before any work starts: an unknown key, a wrong type,
-a value outside its allowed set or an inconsistent combination raises `ConfigError` naming the key.
+a value outside its `Literal` set or an inconsistent combination raises `ConfigError` naming the key.
+
+Each field is documented by the string right after it; `describe_fields` reads those strings, and
+`docs/config.md`'s key reference is generated from them (`tests/test_docs.py` keeps the two equal).
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import hashlib
 import json
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -22,133 +27,203 @@ from keel.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
+# The allowed values of the choice fields. Each list of names is written once, here; the registries that act
+# on them (`REMAT_POLICIES`, `OPTIMIZERS`, Muon's `STRATEGIES` and `SCALINGS`) are checked against these at
+# import by `check_registry`.
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+ParamDtype = Literal["float32", "bfloat16"]
+ComputeDtype = Literal["auto", "float32", "bfloat16"]
+OptimizerName = Literal["adamw", "muon"]
+MuonScaling = Literal["adamw_rms", "shape"]
+MuonStrategy = Literal["layer_sharded", "gathered"]
 
-def choices(*allowed: str, default: str) -> Any:
-    return field(default=default, metadata={"choices": allowed})
+
+def check_registry(registry_name: str, registry: Mapping[str, Any], names: Any) -> None:
+    """Raise at import when a registry's keys and the `Literal` type that names them differ."""
+    allowed = typing.get_args(names)
+    missing = [n for n in allowed if n not in registry]
+    extra = [k for k in registry if k not in allowed]
+    if missing or extra:
+        raise TypeError(f"{registry_name} does not match its Literal{list(allowed)}: "
+                        f"missing {missing}, not in the Literal {extra}")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 4096
+    """Token ids the embedding covers; a trained tokenizer gets this many entries."""
     d_model: int = 256
+    """Width of the residual stream."""
     n_layers: int = 4
+    """Transformer blocks, stacked on the `layers` axis."""
     n_heads: int = 4
+    """Query heads."""
     n_kv_heads: int = 2
+    """Key/value heads, shared by groups of query heads (grouped-query attention); divides `n_heads`."""
     head_dim: int = 64
+    """Width of one attention head; even (RoPE rotates pairs)."""
     mlp_dim: int = 768
+    """Hidden width of the GeGLU MLP."""
     rope_theta: float = 10_000.0
-    # Gemma-3 interleaves local (sliding-window) and global layers: with sliding_window > 0, every
-    # `global_every`-th layer (1-based) is global and the others see only the last `sliding_window` tokens.
+    """RoPE base frequency."""
     sliding_window: int = 0
+    """Gemma-3 interleaves local and global layers: with `sliding_window` > 0 the local layers see only the
+    last `sliding_window` tokens; 0: every layer is global."""
     global_every: int = 1
+    """With a sliding window, every `global_every`-th layer (1-based) is global."""
     qk_norm: bool = True
+    """RMSNorm on queries and keys before RoPE."""
     final_logit_softcap: float = 0.0
+    """Logits become `c * tanh(logits / c)` with this `c`; 0: no cap."""
     tie_embeddings: bool = True
+    """The output matrix is the transposed input embedding; false adds a separate `unembed` matrix."""
     norm_eps: float = 1e-6
-    remat: str = choices("none", "full", "dots", "dots_no_batch", default="none")
-    param_dtype: str = choices("float32", "bfloat16", default="float32")
-    # "auto": bfloat16 on accelerators, float32 on CPU.
-    compute_dtype: str = choices("auto", "float32", "bfloat16", default="auto")
+    """Epsilon of every RMSNorm."""
+    remat: RematPolicy = "none"
+    """Rematerialisation policy of a layer in the backward pass: `none`, `full` (save nothing), `dots`, or
+    `dots_no_batch` (save matmul results without batch dims)."""
+    param_dtype: ParamDtype = "float32"
+    """Storage type of the parameters (and so of the optimizer state)."""
+    compute_dtype: ComputeDtype = "auto"
+    """Type of the layer computations; logits and softmax stay float32. `auto`: bfloat16 on accelerators,
+    float32 on CPU."""
 
 
 @dataclass(frozen=True)
 class SourceConfig:
     name: str = ""
-    # A token store written by `keel data build` (a directory with manifest.json).
+    """Unique name of the source (in logs, held-out losses and `mixture_schedule`)."""
     path: str = ""
+    """A token store written by `keel data build` (a directory with manifest.json)."""
     weight: float = 1.0
-    # Stop with a clear error before a batch would start this source's epoch number max_epochs + 1; 0: no limit.
+    """Share of the batch rows drawn from this source (weights are normalised)."""
     max_epochs: float = 0.0
+    """Stop with a clear error before a batch would start this source's epoch number max_epochs + 1;
+    0: no limit."""
 
 
 @dataclass(frozen=True)
 class MixtureChange:
-    # From this step on, the sources have these weights (by name; unnamed sources get 0).
     step: int = 0
+    """From this step on the sources have the weights below."""
     weights: dict[str, float] = field(default_factory=dict)
+    """Source name -> weight; unnamed sources get 0."""
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    # Without `sources`: one source built by `keel data build` into the run directory from this corpus:
-    # "stdlib" (the running interpreter's standard library sources) or globs of .txt/.jsonl(.gz/.zst)/.parquet.
     corpus: str = "stdlib"
-    # Path to a HF tokenizer.json; empty: train a byte-level BPE of model.vocab_size on the corpus.
+    """Without `sources`: one source built by `keel data build` from this corpus: `stdlib` (the running
+    interpreter's standard library sources) or globs of .txt/.jsonl(.gz/.zst)/.parquet files."""
     tokenizer: str = ""
+    """Path to a HF tokenizer.json; empty: train a byte-level BPE of `model.vocab_size` on the corpus."""
     text_field: str = "text"
+    """The field (JSONL) or column (Parquet) that holds a document's text."""
     seq_len: int = 128
+    """Tokens per training sequence (documents are packed into sequences)."""
     heldout_fraction: float = 0.02
-    # Where the store built from `corpus` is cached, under a key of its content (files, sizes, mtimes, tokenizer,
-    # settings), so runs on the same corpus share it; empty: <run_dir>/data.
+    """Fraction of the corpus's documents kept out of training for the held-out loss."""
     cache_dir: str = ""
-    # A mixture of prebuilt stores (each with a held-out split); replaces `corpus`.
+    """Where the store built from `corpus` is cached, under a key of its content (files, sizes, mtimes,
+    tokenizer, settings), so that runs on the same corpus share it; empty: `<run_dir>/data`."""
     sources: tuple[SourceConfig, ...] = ()
+    """A mixture of prebuilt stores (each with a held-out split); replaces `corpus`."""
     mixture_schedule: tuple[MixtureChange, ...] = ()
-    # Steps not trained on, e.g. ["1200-1250", 1300]: their batches are skipped, all other batches unchanged.
+    """Changes of the source weights at given steps (steps increasing)."""
     skip_steps: tuple[str, ...] = ()
+    """Steps not trained on, e.g. ["1200-1250", 1300]: their batches are skipped, all other batches
+    unchanged."""
     seed: int = 0
-    # Host batches prepared ahead of the train step by a background thread.
+    """Seed of the data order (which sample lands in which batch)."""
     prefetch: int = 4
+    """Host batches prepared ahead of the train step by a background thread."""
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = choices("adamw", "muon", default="adamw")
+    name: OptimizerName = "adamw"
+    """`adamw`, or `muon` (Muon for each layer's hidden matrices, AdamW for the rest)."""
     lr: float = 3e-3
+    """Peak learning rate."""
     min_lr_ratio: float = 0.0
+    """The decay ends at `min_lr_ratio * lr`."""
     warmup_steps: int = 25
-    # Warmup-stable-decay: the last `decay_fraction` of the steps decay linearly to min_lr_ratio * lr.
+    """Linear warmup from 0 to `lr`."""
     decay_fraction: float = 0.3
+    """Warmup-stable-decay: the last `decay_fraction` of the steps decay linearly to `min_lr_ratio * lr`."""
     b1: float = 0.9
+    """AdamW first-moment decay."""
     b2: float = 0.95
+    """AdamW second-moment decay."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     weight_decay: float = 0.1
+    """Decoupled weight decay (times the learning rate) of the matrices; vectors are not decayed."""
     grad_clip: float = 1.0
-    # Muon, for the hidden matrices of each layer when name=muon (the rest gets AdamW with the keys above).
+    """Clip the global gradient norm to this; 0: no clipping."""
     muon_beta: float = 0.95
+    """Muon momentum (name=muon; the rest of the parameters get AdamW with the keys above)."""
     muon_nesterov: bool = True
+    """Nesterov form of the Muon momentum."""
     muon_ns_steps: int = 5
+    """Newton–Schulz iterations per update."""
     muon_ns_coeffs: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
-    # "adamw_rms": 0.2 * sqrt(max(in, out)), so optim.lr and weight_decay carry over from AdamW;
-    # "shape": sqrt(max(1, out / in)), which wants a larger lr (~0.02).
-    muon_scaling: str = choices("adamw_rms", "shape", default="adamw_rms")
-    muon_strategy: str = choices("layer_sharded", "gathered", default="layer_sharded")
+    """Coefficients (a, b, c) of the quintic Newton–Schulz iteration."""
+    muon_scaling: MuonScaling = "adamw_rms"
+    """`adamw_rms`: 0.2 * sqrt(max(in, out)), so `lr` and `weight_decay` carry over from AdamW;
+    `shape`: sqrt(max(1, out / in)), which wants a larger lr (~0.02)."""
+    muon_strategy: MuonStrategy = "layer_sharded"
+    """`layer_sharded`: each device orthogonalises whole matrices of some layers; `gathered`: every device
+    runs every layer (the reference)."""
 
 
 @dataclass(frozen=True)
 class MeshConfig:
-    # Sizes of the device mesh axes; one of them may be -1 to take all remaining devices.
     data: int = -1
+    """Devices on the `data` axis (batch split, parameters replicated); -1: all remaining devices."""
     fsdp: int = 1
+    """Devices on the `fsdp` axis (batch and parameters split); -1: all remaining devices."""
     tensor: int = 1
+    """Devices on the `tensor` axis (heads, MLP and vocab split); -1: all remaining devices."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 500
+    """Length of the run; the learning-rate schedule spans it."""
     batch_size: int = 16
+    """Sequences per step (global, over all hosts)."""
     seed: int = 0
+    """Seed of the parameter initialisation."""
     log_every: int = 10
+    """Steps between metric lines."""
     eval_every: int = 100
+    """Steps between held-out evaluations (and one at the end)."""
     eval_batches: int = 4
-    # Stop cleanly (with a checkpoint) after this step although the schedule runs to `steps`:
-    # a time slice on a preemptible allocation. 0: run to the end.
+    """Batches per held-out evaluation, per source."""
     stop_at: int = 0
+    """Stop cleanly (with a checkpoint) after this step although the schedule runs to `steps`: a time slice
+    on a preemptible allocation. 0: run to the end."""
     sample_tokens: int = 64
-    # No trailing space: byte-level BPE attaches spaces to the following word.
+    """Tokens generated greedily from `sample_prompt` at the end of the run (shown in the summary)."""
     sample_prompt: str = "class Foo"
+    """Prompt of that sample. No trailing space: byte-level BPE attaches spaces to the following word."""
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 100
+    """Steps between checkpoints (and one at the end or at a stop)."""
     keep: int = 3
+    """Checkpoints kept; older ones are deleted."""
     async_save: bool = True
+    """Write checkpoints in the background while training continues."""
 
 
 @dataclass(frozen=True)
 class Config:
     run_dir: str = "runs/tiny"
+    """Where everything of the run lives: config.yaml, checkpoints, metrics, events."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -176,9 +251,15 @@ class RawValue(str):
     """An override's text, read once the target field's type is known: as-is for str fields, else as YAML."""
 
 
-def _coerce(key: str, value: Any, tp: Any, meta: dict) -> Any:
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    literal = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+    text_like = tp is str or (literal is not None and all(isinstance(v, str) for v in literal))
     if isinstance(value, RawValue):
-        value = str(value) if tp is str else yaml.safe_load(value) if value.strip() else ""
+        value = str(value) if text_like else yaml.safe_load(value) if value.strip() else ""
+    if literal is not None:
+        if value not in literal:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, literal))}")
+        return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if tp is str and isinstance(value, int) and not isinstance(value, bool):
@@ -189,7 +270,7 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict) -> Any:
         kt, vt = typing.get_args(tp)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {_coerce(f"{key}", k, kt, {}): _coerce(f"{key}.{k}", v, vt, {}) for k, v in value.items()}
+        return {_coerce(f"{key}", k, kt): _coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
     if typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
@@ -197,19 +278,16 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict) -> Any:
                 value = []
             if not isinstance(value, list | tuple):
                 value = [value]
-            return tuple(_coerce(f"{key}[{i}]", v, args[0], {}) for i, v in enumerate(value))
+            return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
-        return tuple(_coerce(f"{key}[{i}]", v, t, {}) for i, (v, t) in enumerate(zip(value, args, strict=True)))
+        return tuple(_coerce(f"{key}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, args, strict=True)))
     if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
         with contextlib.suppress(ValueError):
             value = float(value)
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     if not ok:
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    allowed = meta.get("choices")
-    if allowed is not None and value not in allowed:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
     return value
 
 
@@ -217,18 +295,14 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
     if unknown:
         where = prefix or "config"
         raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!s} in {where}; allowed keys: {', '.join(sorted(fields))}"
+            f"unknown key {prefix}{unknown[0]!s} in {where}; allowed keys: {', '.join(sorted(names))}"
         )
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        kwargs[name] = _coerce(f"{prefix}{name}", value, tp, dict(fields[name].metadata))
-    return cls(**kwargs)
+    return cls(**{name: _coerce(f"{prefix}{name}", value, hints[name]) for name, value in data.items()})
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -406,3 +480,92 @@ def resume_differences(saved: Config, current: Config) -> list[str]:
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
+
+
+# ---------------------------------------------------------------------------------------------- documentation
+
+
+@dataclass(frozen=True)
+class FieldDoc:
+    key: str
+    """As written in an override (`model.remat`); items of a list field as `data.sources[].name`."""
+    type: str
+    default: str
+    doc: str
+
+
+def _field_docstrings(cls: type) -> dict[str, str]:
+    """The string literal right after each field of a dataclass in this module (the attribute-docstring
+    convention), as one line."""
+    source = Path(__file__).read_text()
+    node = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+    out = {}
+    for stmt, after in zip(node.body, node.body[1:], strict=False):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            out[stmt.target.id] = " ".join(after.value.value.split())
+    return out
+
+
+def _list_item_class(tp: Any) -> type | None:
+    """SourceConfig for tuple[SourceConfig, ...]; None for other types."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
+def _describe_type(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in args)
+    if _list_item_class(tp) is not None:
+        return "list of mappings"
+    if origin is tuple:
+        return f"list of {_type_name(args[0])}" if args[1:] == (Ellipsis,) else f"[{', '.join(map(_type_name, args))}]"
+    if origin is dict:
+        return f"mapping {_type_name(args[0])} → {_type_name(args[1])}"
+    return _type_name(tp)
+
+
+def _describe_default(value: Any) -> str:
+    if isinstance(value, str):
+        return f"`{value}`" if value else '`""`'
+    plain = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return f"`{json.dumps(list(plain) if isinstance(plain, tuple) else plain)}`"
+
+
+def describe_fields(cls: type = Config, prefix: str = "") -> list[FieldDoc]:
+    """Every key of `cls`, depth first in declaration order, with its type, default and docstring."""
+    hints = typing.get_type_hints(cls)
+    docs = _field_docstrings(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out += describe_fields(tp, f"{key}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append(FieldDoc(key, _describe_type(tp), _describe_default(default), docs.get(f.name, "")))
+        item = _list_item_class(tp)
+        if item is not None:
+            out += describe_fields(item, f"{key}[].")
+    return out
+
+
+def _escape_pipes(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def reference_markdown() -> str:
+    """The key reference of docs/config.md: one table per section, generated from the field docstrings."""
+    sections: dict[str, list[FieldDoc]] = {}
+    for d in describe_fields():
+        sections.setdefault(d.key.split(".")[0] if "." in d.key else "", []).append(d)
+    lines = []
+    for section, docs in sections.items():
+        lines += [f"### `{section}`" if section else "### Top level", "",
+                  "| key | type | default | meaning |", "|---|---|---|---|"]
+        lines += [f"| `{d.key}` | {d.type} | {d.default} | {_escape_pipes(d.doc)} |" for d in docs]
+        lines.append("")
+    return "\n".join(lines)

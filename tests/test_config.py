@@ -1,20 +1,55 @@
 import dataclasses
+import typing
 
 import pytest
 
 from keel.config import (
+    ComputeDtype,
     Config,
     ConfigError,
+    MuonScaling,
+    MuonStrategy,
+    OptimizerName,
+    RematPolicy,
+    check_registry,
+    flatten,
     load_config,
+    load_preset,
     parse_override,
     preset_names,
     resume_differences,
+    to_dict,
 )
+from keel.diag.verdicts import CHECK_NAMES, CheckName
+from keel.model.transformer import REMAT_POLICIES
+from keel.optim.muon import SCALINGS, STRATEGIES
 from keel.optim.optimizers import OPTIMIZERS
 
 
+@pytest.mark.parametrize("name", preset_names())
+def test_a_preset_sets_existing_keys_and_only_those(name):
+    defaults = flatten(to_dict(Config()))
+    preset = flatten(load_preset(name))
+    assert preset and set(preset) <= set(defaults), set(preset) - set(defaults)
+    got = flatten(to_dict(load_config(name)))
+    changed = {k for k in defaults if got[k] != defaults[k]}
+    assert changed <= set(preset)
+    assert all(got[k] == v for k, v in preset.items())
+
+
 def test_tiny_preset_is_the_defaults():
+    # keel/configs/tiny.yaml promises that its values are the dataclass defaults (it names the run directory)
+    assert all(v == flatten(to_dict(Config()))[k] for k, v in flatten(load_preset("tiny")).items())
     assert load_config("tiny") == Config()
+
+
+def test_presets_layer_in_order_and_overrides_come_last():
+    one_b = load_config("1b")
+    layered = load_config(["1b", "fsdp"])
+    assert layered.model == one_b.model and layered.train == one_b.train
+    assert (layered.mesh.data, layered.mesh.fsdp) == (1, -1)
+    assert load_config(["fsdp", "dp"]).mesh == load_config("dp").mesh
+    assert load_config(["1b", "fsdp"], ["mesh.fsdp=2", "mesh.data=-1"]).mesh.fsdp == 2
 
 
 @pytest.mark.parametrize("name", preset_names())
@@ -42,7 +77,9 @@ def test_overrides_apply_and_parse_yaml_scalars():
         ("model.qk_norm=3", ["model.qk_norm", "expected bool"]),
         ("model.remat=yes", ["model.remat", "'none'", "'full'", "'dots'"]),
         ("model.compute_dtype=fp16", ["model.compute_dtype", "'bfloat16'"]),
-        ("optim.name=sgd", ["optim.name", "'adamw'"]),
+        ("optim.name=sgd", ["optim.name", "'sgd'", "'adamw'", "'muon'"]),
+        ("optim.muon_strategy=1", ["optim.muon_strategy", "'1'", "'layer_sharded'", "'gathered'"]),
+        ("model.param_dtype=[float32]", ["model.param_dtype", "'[float32]'", "'bfloat16'"]),
         ("model.n_heads=5", ["model.n_heads=5", "model.n_kv_heads=2", "allowed n_kv_heads: 1, 5"]),
         ("model.n_kv_heads=3", ["model.n_heads=4", "model.n_kv_heads=3", "1, 2, 4"]),
         ("model.head_dim=63", ["model.head_dim=63", "even"]),
@@ -84,6 +121,35 @@ def test_resume_differences_ignore_observation_keys():
     assert resume_differences(a, c) == ["model.d_model: 256 -> 128"]
 
 
-def test_optimizer_choices_match_registry():
-    field = {f.name: f for f in dataclasses.fields(type(Config().optim))}["name"]
-    assert set(field.metadata["choices"]) == set(OPTIMIZERS)
+def test_choice_fields_take_their_literal_values():
+    for remat in typing.get_args(RematPolicy):
+        assert load_config("tiny", [f"model.remat={remat}"]).model.remat == remat
+    for dtype in typing.get_args(ComputeDtype):
+        assert load_config("tiny", [f"model.compute_dtype={dtype}"]).model.compute_dtype == dtype
+
+
+def test_choice_from_a_yaml_file_is_checked(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  remat: 3\n")
+    with pytest.raises(ConfigError, match="model.remat: 3 is not one of 'none'"):
+        load_config(str(p))
+
+
+@pytest.mark.parametrize("registry, names", [
+    (REMAT_POLICIES, RematPolicy), (OPTIMIZERS, OptimizerName), (STRATEGIES, MuonStrategy),
+    (SCALINGS, MuonScaling),
+])
+def test_registries_match_their_literal(registry, names):
+    assert set(registry) == set(typing.get_args(names))
+
+
+def test_burnin_check_names_are_one_list():
+    from keel.diag.burnin import CHECKS
+
+    assert tuple(CHECKS) == CHECK_NAMES == typing.get_args(CheckName)
+
+
+def test_a_registry_that_drifts_from_its_literal_fails_naming_the_names():
+    check_registry("OPTIMIZERS", {"adamw": None, "muon": None}, OptimizerName)
+    with pytest.raises(TypeError, match=r"OPTIMIZERS .*missing \['muon'\], not in the Literal \['sgd'\]"):
+        check_registry("OPTIMIZERS", {"adamw": None, "sgd": None}, OptimizerName)

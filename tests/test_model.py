@@ -135,10 +135,27 @@ def test_remat_policies_change_memory_not_math(params, policy):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_final_logit_softcap_bounds_logits(params):
+def test_final_logit_softcap_is_c_tanh_of_the_uncapped_logits(params):
     tokens, seg, pos = _inputs(2, 8)
-    capped = T.forward(params, tokens, seg, pos, dataclasses.replace(CFG, final_logit_softcap=0.5))
-    assert float(jnp.abs(capped).max()) <= 0.5
+    c = 0.5
+    z = np.asarray(T.forward(params, tokens, seg, pos, CFG), np.float64)
+    capped = T.forward(params, tokens, seg, pos, dataclasses.replace(CFG, final_logit_softcap=c))
+    assert (np.abs(z) > c).mean() > 0.1 and (np.abs(z) < c).any()  # the cap bends some logits, not all
+    np.testing.assert_allclose(capped, c * np.tanh(z / c), rtol=1e-6, atol=1e-7)
+    assert float(jnp.abs(capped).max()) <= c
+
+
+def test_param_specs_say_each_matrix_input_side():
+    specs = T.named_specs(dataclasses.replace(CFG, tie_embeddings=False))
+    inputs = {k: s.logical[1 if s.logical[0] == "layers" else 0:][: s.n_in] for k, s in specs.items() if s.n_in}
+    # the dims `forward` contracts each matrix over (dense(x, w, n_in))
+    assert inputs == {
+        "['layers']['wq']": ("embed",), "['layers']['wk']": ("embed",), "['layers']['wv']": ("embed",),
+        "['layers']['wo']": ("heads", "head_dim"), "['layers']['w_gate']": ("embed",),
+        "['layers']['w_up']": ("embed",), "['layers']['w_down']": ("mlp",), "['unembed']": ("embed",),
+    }
+    assert specs["['layers']['wo']"].fan_in == CFG.n_heads * CFG.head_dim
+    assert specs["['embed']"].n_in == 0 and specs["['embed']"].fan_in == CFG.d_model
 
 
 def test_loss_mask_excludes_targets(params):

@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from keel.config import load_config
+from keel.model.transformer import named_specs
 from keel.optim.muon import MatrixView, muon, newton_schulz, scale_by_muon
 from keel.optim.optimizers import muon_labels, muon_views
 from keel.parallel.sharding import make_mesh
@@ -134,6 +135,10 @@ def test_model_partition():
     assert sorted(views) == sorted(f"['layers']['{k}']" for k in ("wq", "wk", "wv", "wo", "w_gate", "w_up",
                                                                   "w_down"))
     assert views["['layers']['wo']"].n_in == 2 and views["['layers']['wq']"].n_in == 1
+    # Muon's (in, out) view of each matrix is the one its ParamSpec declares (and initialises by)
+    specs = named_specs(model)
+    for key, view in views.items():
+        assert view.n_in == specs[key].n_in and view.fans(specs[key].shape)[0] == specs[key].fan_in
     labels = muon_labels(model)
     assert labels["embed"] == "adamw" and labels["final_norm"] == "adamw"
     assert labels["layers"]["attn_norm"] == "adamw" and labels["layers"]["w_up"] == "muon"

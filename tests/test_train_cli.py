@@ -162,9 +162,22 @@ def test_config_error_exits_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("mesh", [["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], ["mesh.data=1", "mesh.fsdp=-1"]])
-def test_other_meshes_train(tiny_args, mesh):
+@pytest.mark.parametrize("mesh, replicated", [
+    (["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4"],
+     ["params/layers/wk dim 2 (kv_heads=2) is not divisible by tensor=4"]),
+    (["mesh.data=1", "mesh.fsdp=-1"], []),
+])
+def test_other_meshes_train_and_say_what_they_replicate(tiny_args, mesh, replicated, capsys):
     assert _train(tiny_args, *mesh, "train.steps=2", "optim.warmup_steps=1", "train.eval_every=2") == 0
+    compile_event = next(e for e in read_events(_run_dir(tiny_args) / "events" / "host0000.jsonl")
+                         if e["kind"] == "compile")
+    notes = compile_event.get("sharding_notes", [])
+    out = capsys.readouterr().out
+    for expected in replicated:
+        assert any(n.startswith(expected) for n in notes), notes
+        assert f"sharding: {expected}" in out
+    if not replicated:
+        assert not notes and "sharding:" not in out
 
 
 def test_train_on_a_mixture_of_built_stores(tiny_args, small_corpus, tmp_path):

@@ -31,9 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from keel.config import check_registry
 from keel.diag.inject import Faults
 from keel.diag.specs import AcceleratorSpec, match
 from keel.diag.verdicts import (
+    CHECK_NAMES,
     EXIT_CODES,
     NOT_RUN,
     PASS,
@@ -42,6 +44,7 @@ from keel.diag.verdicts import (
     SKIPPED,
     SLOW,
     WRONG,
+    CheckName,
     robust_low,
 )
 
@@ -368,6 +371,20 @@ def check_collectives(ctx: Context) -> list[Measurement]:
     return out
 
 
+def window_drift(rates: Sequence[float]) -> float:
+    """Throughput at the end of a sustained run over its start: the median of the last third of the windows'
+    rates over the median of the first third (one window each for fewer than 6)."""
+    k = max(1, len(rates) // 3)
+    return float(np.median(rates[-k:]) / np.median(rates[:k]))
+
+
+def throttled(drifts: dict[int, float], s: Settings) -> set[int]:
+    """The devices whose drift is below `s.drift`. On CPUs (`drift_needs_peers`) the machine's other work moves
+    every fake device's drift: there a device must also stand out among the devices' drifts."""
+    peers = robust_low(drifts, s.tolerance, s.z) if s.drift_needs_peers else drifts
+    return {d for d, v in drifts.items() if v < s.drift and d in peers}
+
+
 def check_sustained(ctx: Context) -> list[Measurement]:
     """Matmuls for a fixed time on every device at once (a thread per device, so the node is under full load);
     throughput per window must not drift down (throttling). Clocks, power, temperature and ECC counters are
@@ -408,12 +425,10 @@ def check_sustained(ctx: Context) -> list[Measurement]:
             out.append(Measurement("sustained", "throughput drift (last/first)", "too few calls", "", NOT_RUN,
                                    device=d, note=f"{len(r)} windows with a finished matmul; raise the duration"))
             continue
-        k = max(1, len(r) // 3)
-        drifts[d] = float(np.median(r[-k:]) / np.median(r[:k]))
-    # On CPUs the machine's other work moves every fake device's drift: there a device must also stand out.
-    peers = robust_low(drifts, s.tolerance, s.z) if s.drift_needs_peers else drifts
+        drifts[d] = window_drift(r)
+    throttling = throttled(drifts, s)
     for d, drift in drifts.items():
-        slow = drift < s.drift and d in peers
+        slow = d in throttling
         out.append(Measurement("sustained", "throughput drift (last/first)", drift, "ratio", SLOW if slow else PASS,
                                device=d, threshold=f">= {s.drift}" + (" or like the peers" if s.drift_needs_peers
                                                                       else ""),
@@ -496,7 +511,7 @@ def check_model(ctx: Context) -> list[Measurement]:
     return out
 
 
-CHECKS: dict[str, Callable[[Context], list[Measurement]]] = {  # in CHECK_NAMES order
+CHECKS: dict[str, Callable[[Context], list[Measurement]]] = {
     "matmul": check_matmul,
     "known_answer": check_known_answer,
     "sdc": check_sdc,
@@ -505,6 +520,7 @@ CHECKS: dict[str, Callable[[Context], list[Measurement]]] = {  # in CHECK_NAMES 
     "sustained": check_sustained,
     "model": check_model,
 }
+check_registry("CHECKS", CHECKS, CheckName)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -580,14 +596,14 @@ def platform_info(devices: Sequence[jax.Device]) -> dict[str, str]:
     return info
 
 
-def run_burnin(checks: Sequence[str] = tuple(CHECKS), *, quick: bool = False,
+def run_burnin(checks: Sequence[str] = CHECK_NAMES, *, quick: bool = False,
                devices: Sequence[jax.Device] | None = None, faults: Faults | None = None,
                settings: Settings | None = None, log: Callable[[str], None] = print,
                progress: bool = True) -> Report:
     devices = list(devices or jax.local_devices())
     unknown = [c for c in checks if c not in CHECKS]
     if unknown:
-        raise ValueError(f"unknown burn-in check {unknown[0]!r}; checks: {', '.join(CHECKS)}")
+        raise ValueError(f"unknown burn-in check {unknown[0]!r}; checks: {', '.join(CHECK_NAMES)}")
     settings = settings or Settings.for_platform(devices[0].platform, quick)
     ctx = Context(devices, settings, faults or Faults(), match(devices[0].device_kind), log)
     report = Report(

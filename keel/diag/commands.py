@@ -9,8 +9,8 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from keel.diag.verdicts import CHECK_NAMES as CHECKS
-    from keel.diag.verdicts import EXIT_CODES
+    from keel.diag.verdicts import CHECK_NAMES, EXIT_CODES
+    from keel.parallel.distributed import add_distributed_args
 
     codes = ", ".join(f"{v} {k}" for k, v in EXIT_CODES.items())
     b = sub.add_parser(
@@ -18,14 +18,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=f"Run burn-in checks on every local device (and, under jax.distributed, compare result hashes "
                     f"across hosts). Exit codes: {codes}.")
     b.add_argument("--quick", action="store_true", help="smaller sizes and a short sustained run (<= 60 s)")
-    b.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of: {', '.join(CHECKS)}")
+    b.add_argument("--checks", default=",".join(CHECK_NAMES),
+                   help=f"comma-separated subset of: {', '.join(CHECK_NAMES)}")
     b.add_argument("--json", metavar="PATH", help="also write the versioned JSON report here ('-': stdout only)")
     b.add_argument("--no-progress", action="store_true")
-    d = b.add_argument_group("multi-host (default: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
-    d.add_argument("--coordinator")
-    d.add_argument("--num-processes", type=int)
-    d.add_argument("--process-id", type=int)
-    d.add_argument("--distributed", choices=["auto"])
+    add_distributed_args(b)
     fsub = b.add_subparsers(dest="burnin_command")
     f = fsub.add_parser("fleet", help="compare many nodes' reports and say which nodes to drain",
                         description="Compare burn-in reports of many nodes (keel burnin --json); exit 10 if any "
@@ -42,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from keel.config import ConfigError
     from keel.parallel.distributed import DistributedArgs, initialize
 
-    initialize(DistributedArgs(args.coordinator, args.num_processes, args.process_id, args.distributed == "auto"))
+    initialize(DistributedArgs.from_namespace(args))
     from keel.diag.burnin import run_burnin
 
     checks = [c.strip() for c in args.checks.split(",") if c.strip()]

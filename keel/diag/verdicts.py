@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import statistics
-from typing import Any
+import typing
+from typing import Any, Literal
 
 SCHEMA = "keel.burnin/1"
 PASS, SLOW, WRONG, NOT_RUN, SKIPPED = "pass", "slow", "wrong", "could_not_run", "skipped"
 EXIT_CODES = {PASS: 0, SLOW: 10, WRONG: 11, NOT_RUN: 12}
 SEVERITY = {SKIPPED: -1, PASS: 0, SLOW: 1, NOT_RUN: 2, WRONG: 3}
-CHECK_NAMES = ("matmul", "known_answer", "sdc", "memory", "collectives", "sustained", "model")
+# The burn-in checks, in the order they run: the one list of their names. It lives here, free of JAX, so that
+# the CLI can list the checks without importing JAX; `keel.diag.burnin.CHECKS` is checked against it at import.
+CheckName = Literal["matmul", "known_answer", "sdc", "memory", "collectives", "sustained", "model"]
+CHECK_NAMES: tuple[str, ...] = typing.get_args(CheckName)
 
 
 def robust_low(values: dict[Any, float], tolerance: float, z: float) -> dict[Any, str]:

@@ -2,8 +2,9 @@
 sliding window, GeGLU MLP, tied embeddings, optional final-logit softcap.
 
 Parameters are a plain dict pytree. Every array is declared once in `param_specs` with its shape, its logical
-axis names and its initialiser; everything else (abstract shapes, shardings, init, parameter counts) derives
-from that table. Layers are stacked on a leading `layers` axis and run with `jax.lax.scan`.
+axis names, its initialiser and, for a matrix, which dims are its input side; everything else (abstract shapes,
+shardings, init, parameter counts, Muon's matrix views) derives from that table. Layers are stacked on a
+leading `layers` axis and run with `jax.lax.scan`.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
-from keel.config import ModelConfig
+from keel.config import ModelConfig, RematPolicy, check_registry
 from keel.kernels.reference import attention
 from keel.parallel.sharding import LogicalAxes, Sharder
 
@@ -25,10 +26,24 @@ Params = dict[str, Any]
 
 @dataclass(frozen=True)
 class ParamSpec:
+    """One parameter array. A matrix is applied as `x @ w` (see `dense`): after the leading `layers` axis, if
+    any, its first `n_in` dims are the input side (contracted with x) and the rest the output side."""
+
     shape: tuple[int, ...]
     logical: LogicalAxes
-    init: str  # "normal" (std = 1/sqrt(fan_in)) or "zeros" (norm scales, applied as 1 + w)
-    fan_in: int = 1
+    init: Literal["normal", "embedding", "zeros"]
+    """normal: std 1/sqrt(fan_in); embedding: std 1/sqrt(last dim); zeros: norm scales, applied as 1 + w."""
+    n_in: int = 0
+    """Input-side dims of a matrix (Muon orthogonalises it as (in, out)); 0: not a matrix."""
+
+    @property
+    def in_dims(self) -> tuple[int, ...]:
+        start = 1 if self.logical[:1] == ("layers",) else 0
+        return self.shape[start : start + self.n_in]
+
+    @property
+    def fan_in(self) -> int:
+        return self.shape[-1] if self.init == "embedding" else math.prod(self.in_dims)
 
 
 def param_specs(cfg: ModelConfig) -> dict[str, Any]:
@@ -40,29 +55,30 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
 
     layers = {
         "attn_norm": norm((L, "layers"), (D, "embed")),
-        "wq": ParamSpec((L, D, H, Dh), ("layers", "embed", "heads", "head_dim"), "normal", D),
-        "wk": ParamSpec((L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim"), "normal", D),
-        "wv": ParamSpec((L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim"), "normal", D),
-        "wo": ParamSpec((L, H, Dh, D), ("layers", "heads", "head_dim", "embed"), "normal", H * Dh),
+        "wq": ParamSpec((L, D, H, Dh), ("layers", "embed", "heads", "head_dim"), "normal", n_in=1),
+        "wk": ParamSpec((L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim"), "normal", n_in=1),
+        "wv": ParamSpec((L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim"), "normal", n_in=1),
+        "wo": ParamSpec((L, H, Dh, D), ("layers", "heads", "head_dim", "embed"), "normal", n_in=2),
         "post_attn_norm": norm((L, "layers"), (D, "embed")),
         "mlp_norm": norm((L, "layers"), (D, "embed")),
-        "w_gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal", D),
-        "w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal", D),
-        "w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), "normal", F),
+        "w_gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal", n_in=1),
+        "w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal", n_in=1),
+        "w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), "normal", n_in=1),
         "post_mlp_norm": norm((L, "layers"), (D, "embed")),
     }
     if cfg.qk_norm:
         layers["q_norm"] = norm((L, "layers"), (Dh, "head_dim"))
         layers["k_norm"] = norm((L, "layers"), (Dh, "head_dim"))
     # The embedding has std 1/sqrt(D): scaled by sqrt(D) on input it has unit variance, and as the tied
-    # output matrix it gives unit-variance logits from a normalised final state.
+    # output matrix it gives unit-variance logits from a normalised final state. It is a lookup table, not a
+    # matrix applied as x @ w (n_in 0): the tied output uses its transpose.
     specs: dict[str, Any] = {
-        "embed": ParamSpec((V, D), ("vocab", "embed"), "normal", D),
+        "embed": ParamSpec((V, D), ("vocab", "embed"), "embedding"),
         "final_norm": norm((D, "embed")),
         "layers": layers,
     }
     if not cfg.tie_embeddings:
-        specs["unembed"] = ParamSpec((D, V), ("embed", "vocab"), "normal", D)
+        specs["unembed"] = ParamSpec((D, V), ("embed", "vocab"), "normal", n_in=1)
     return specs
 
 
@@ -95,7 +111,7 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
 
 
 def abstract_params(cfg: ModelConfig) -> Params:
-    """Shapes and dtypes of the parameters, computed without allocating (design invariant 4)."""
+    """Shapes and dtypes of the parameters, computed without allocating (docs/design.md, invariant 4)."""
     return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 
 
@@ -129,6 +145,7 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+check_registry("REMAT_POLICIES", REMAT_POLICIES, RematPolicy)
 
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from keel.config import MuonScaling, MuonStrategy, check_registry
+
 DEFAULT_NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
@@ -31,7 +33,7 @@ DEFAULT_NS_COEFFS = (3.4445, -4.7750, 2.0315)
 class MatrixView:
     """How a stacked parameter (layers, *in_dims, *out_dims) is seen as a batch of (in, out) matrices."""
 
-    n_in: int  # how many dims after the leading layer axis form the matrix's input side
+    n_in: int  # how many dims after the leading layer axis form the matrix's input side (`ParamSpec.n_in`)
     sharding: NamedSharding | None = None  # the parameter's own sharding, restored after orthogonalising
 
     def as_matrices(self, x: jax.Array) -> jax.Array:
@@ -95,6 +97,8 @@ SCALINGS: dict[str, Callable[[int, int], float]] = {
     # Moonlight's: update RMS matches AdamW's (~0.2), so AdamW's learning rate and weight decay carry over.
     "adamw_rms": lambda fan_in, fan_out: 0.2 * math.sqrt(max(fan_in, fan_out)),
 }
+check_registry("STRATEGIES", STRATEGIES, MuonStrategy)
+check_registry("SCALINGS", SCALINGS, MuonScaling)
 
 
 class MuonState(NamedTuple):
@@ -110,8 +114,8 @@ def scale_by_muon(
     ns_coeffs: tuple[float, float, float] = DEFAULT_NS_COEFFS,
     eps: float = 1e-8,
     nesterov: bool = True,
-    scaling: str = "adamw_rms",
-    strategy: str = "layer_sharded",
+    scaling: MuonScaling = "adamw_rms",
+    strategy: MuonStrategy = "layer_sharded",
     mesh: Mesh | None = None,
 ) -> optax.GradientTransformation:
     """Momentum, Newton–Schulz orthogonalisation and shape scaling for the stacked matrices in `views`

@@ -6,7 +6,6 @@ Weight decay applies to matrices only (ndim >= 2); norm scales and other vectors
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +13,7 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from keel.config import Config, ModelConfig
+from keel.config import Config, ModelConfig, OptimizerName, check_registry
 from keel.model.transformer import ParamSpec, named_specs, param_specs
 from keel.optim.muon import MatrixView, muon
 from keel.optim.schedules import wsd
@@ -47,16 +46,13 @@ def adamw(cfg: Config, shardings: Any = None, mesh: Mesh | None = None):
 
 
 def muon_views(model: ModelConfig, shardings: Any = None) -> dict[str, MatrixView]:
-    """The Muon side of the partition: every per-layer stacked matrix (leading `layers` axis, at least two
-    more dims), keyed by parameter path. Embeddings (and a tied output), norms and vectors are not in it."""
+    """The Muon side of the partition: every per-layer stacked matrix (leading `layers` axis, `n_in` > 0),
+    keyed by parameter path, seen as (layers, in, out) by its spec's `n_in`. Embeddings (and a tied output),
+    norms and vectors are not in it."""
     flat = jax.tree_util.tree_flatten_with_path(shardings)[0] if shardings is not None else []
     sharding_of = {jax.tree_util.keystr(p): s for p, s in flat}
-    views = {}
-    for key, spec in named_specs(model).items():
-        if spec.logical[0] == "layers" and len(spec.shape) >= 3:
-            n_in = next(k for k in range(1, len(spec.shape)) if math.prod(spec.shape[1 : 1 + k]) == spec.fan_in)
-            views[key] = MatrixView(n_in, sharding_of.get(key))
-    return views
+    return {key: MatrixView(spec.n_in, sharding_of.get(key)) for key, spec in named_specs(model).items()
+            if spec.logical[0] == "layers" and spec.n_in > 0}
 
 
 def muon_labels(model: ModelConfig) -> Any:
@@ -87,6 +83,7 @@ def muon_with_adamw(cfg: Config, shardings: Any = None, mesh: Mesh | None = None
 
 
 OPTIMIZERS: dict[str, Builder] = {"adamw": adamw, "muon": muon_with_adamw}
+check_registry("OPTIMIZERS", OPTIMIZERS, OptimizerName)
 
 
 def build_optimizer(cfg: Config, shardings: Any = None,

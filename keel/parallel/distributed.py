@@ -3,16 +3,28 @@
 Explicit flags win; otherwise the standard variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID (set by `deploy/jobset.yaml`); otherwise `--distributed auto` lets JAX detect the cluster
 (SLURM, Open MPI, TPU pods); with none of these the run is single-process.
+
+`keel train` and `keel burnin` take the same flags, defined once by `add_distributed_args`. This module imports
+JAX only in `initialize`, so building the CLI parser stays cheap.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 
-import jax
-
 from keel.config import ConfigError
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """The multi-host flags, as a group of `parser`; read them back with `DistributedArgs.from_namespace`."""
+    d = parser.add_argument_group(
+        "multi-host (default: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
+    d.add_argument("--coordinator", help="host:port of process 0")
+    d.add_argument("--num-processes", type=int, help="processes in the job (one per host)")
+    d.add_argument("--process-id", type=int, help="this process's index")
+    d.add_argument("--distributed", choices=["auto"], help="auto: let JAX detect the cluster (SLURM, MPI, TPU)")
 
 
 @dataclass(frozen=True)
@@ -21,6 +33,11 @@ class DistributedArgs:
     num_processes: int | None = None
     process_id: int | None = None
     auto: bool = False
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> DistributedArgs:
+        """The flags of `add_distributed_args` as parsed."""
+        return cls(args.coordinator, args.num_processes, args.process_id, args.distributed == "auto")
 
 
 def from_environment(args: DistributedArgs) -> DistributedArgs:
@@ -45,6 +62,8 @@ def _int_env(name: str) -> int | None:
 
 def initialize(args: DistributedArgs) -> bool:
     """Joins the job if one is described; returns whether this is a multi-process run."""
+    import jax
+
     args = from_environment(args)
     given = [args.coordinator, args.num_processes, args.process_id]
     if not args.auto and all(v is None for v in given):

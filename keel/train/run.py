@@ -91,8 +91,8 @@ def build_run(cfg: Config, bos: int, pad: int, devices: Sequence[jax.Device] | N
     state_shardings = TrainState(param_shardings, shard_like(abstract.opt_state, param_shardings, replicated),
                                  replicated)
     B, T = cfg.train.batch_size, cfg.data.seq_len
-    batch_sharding = {"tokens": sharder.sharding(("batch", None), (B, T + 1)),
-                      "first_position": sharder.sharding(("batch",), (B,))}
+    batch_sharding = {"tokens": sharder.sharding(("batch", None), (B, T + 1), where="batch/tokens"),
+                      "first_position": sharder.sharding(("batch",), (B,), where="batch/first_position")}
 
     def expanded(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         return expand(batch["tokens"], batch["first_position"], bos, pad, jnp)
@@ -116,6 +116,5 @@ def build_run(cfg: Config, bos: int, pad: int, devices: Sequence[jax.Device] | N
     step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
                       out_shardings=(state_shardings, replicated), donate_argnums=0)
     eval_fn = jax.jit(eval_loss, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
-    notes = list(getattr(sharder, "notes", []))
     return Run(cfg, mesh, sharder, tx, abstract, state_shardings, batch_sharding, replicated, step_fn, eval_fn,
-               notes)
+               list(sharder.notes))
