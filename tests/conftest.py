@@ -12,6 +12,25 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for the session (in-process only: subprocesses compile their own):
+    the many tiny runs compile the same init, train and eval programs, and a program met again loads in
+    milliseconds instead of compiling for seconds. Executables are keyed by their HLO, options and jaxlib, so a
+    hit is the very program a compile would give. KEEL_TEST_XLA_CACHE=0 turns it off."""
+    if os.environ.get("KEEL_TEST_XLA_CACHE", "1") == "0":
+        yield
+        return
+    import jax
+
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> str:
     """Forty real standard-library modules copied into a folder: a small corpus that still looks like code."""
@@ -35,7 +54,15 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="session")
+def store_cache(tmp_path_factory) -> str:
+    """One `data.cache_dir` for the whole session: every run on the small corpus (same tokenizer settings) shares
+    the token store the first one builds; a run on other files or settings builds its own under its own key."""
+    return str(tmp_path_factory.mktemp("store_cache"))
+
+
 @pytest.fixture
-def tiny_args(small_corpus, tmp_path) -> list[str]:
-    """Overrides for a model that trains in seconds on the small corpus, in a fresh run directory."""
-    return [*TINY, f"data.corpus={small_corpus}", f"run_dir={tmp_path / 'run'}"]
+def tiny_args(small_corpus, store_cache, tmp_path) -> list[str]:
+    """Overrides for a model that trains in seconds on the small corpus, in a fresh run directory (the token
+    store comes from the session's shared cache)."""
+    return [*TINY, f"data.corpus={small_corpus}", f"data.cache_dir={store_cache}", f"run_dir={tmp_path / 'run'}"]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from keel.cli import main
 from tests.conftest import TINY
@@ -26,9 +27,12 @@ def _losses(run_dir: Path) -> tuple[list[float], list[float]]:
     return [r["loss"] for r in rows if "loss" in r], [r["heldout_loss"] for r in rows if "heldout_loss" in r]
 
 
-def test_two_processes_equal_one(small_corpus, tmp_path):
+@pytest.mark.slow  # a reference run, then a run of two fresh processes that each compile everything
+def test_two_processes_equal_one(small_corpus, store_cache, tmp_path):
     common = [*TINY, *ARGS, f"data.corpus={small_corpus}"]
-    assert main(["train", "--no-progress", *common, f"run_dir={tmp_path / 'one'}"]) == 0
+    one = [*common, f"data.cache_dir={store_cache}", f"run_dir={tmp_path / 'one'}"]
+    assert main(["train", "--no-progress", *one]) == 0
+    # the two processes build their own store: host 0 builds it in the shared run_dir, host 1 waits for it
 
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",

@@ -22,22 +22,28 @@ def _losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
-def _run(small_corpus, tmp_path, name, presets, extra=(), devices=None) -> Path:
-    run_dir = tmp_path / name
-    cfg = load_config(presets, [*TINY, *STEPS, f"data.corpus={small_corpus}", f"run_dir={run_dir}", *extra])
+@pytest.fixture(scope="module")
+def data_args(small_corpus, store_cache) -> list[str]:
+    """The small corpus, its token store built once for the session."""
+    return [f"data.corpus={small_corpus}", f"data.cache_dir={store_cache}"]
+
+
+def _run(data_args, run_dir: Path, presets, extra=(), devices=None) -> Path:
+    cfg = load_config(presets, [*TINY, *STEPS, *data_args, f"run_dir={run_dir}", *extra])
     train(cfg, log=lambda s: None, progress=False, devices=devices)
     return run_dir
 
 
 @pytest.fixture(scope="module")
-def one_device(small_corpus, tmp_path_factory):
-    return _losses(_run(small_corpus, tmp_path_factory.mktemp("one"), "one", ["tiny", "dp"],
+def one_device(data_args, tmp_path_factory):
+    """The reference every mesh preset is held to: the same run on one device."""
+    return _losses(_run(data_args, tmp_path_factory.mktemp("one") / "run", ["tiny", "dp"],
                         devices=jax.devices()[:1]))
 
 
 @pytest.mark.parametrize("preset", ["dp", "fsdp", "fsdp_tp"])
-def test_mesh_presets_match_one_device(preset, one_device, small_corpus, tmp_path):
-    run_dir = _run(small_corpus, tmp_path, preset, ["tiny", preset])
+def test_mesh_presets_match_one_device(preset, one_device, data_args, tmp_path):
+    run_dir = _run(data_args, tmp_path / preset, ["tiny", preset])
     np.testing.assert_allclose(_losses(run_dir), one_device, rtol=2e-5)
     # the compiled step's parameter shardings are the ones the logical-axis table asks for
     cfg = load_config(["tiny", preset], [*TINY])
@@ -57,11 +63,21 @@ def test_mesh_presets_match_one_device(preset, one_device, small_corpus, tmp_pat
         assert make_mesh(cfg.mesh).shape["tensor"] == 2
 
 
-def test_muon_trains_layer_sharded_like_gathered(small_corpus, tmp_path):
-    runs = {}
-    for strategy in ("layer_sharded", "gathered"):
-        extra = ["optim.name=muon", f"optim.muon_strategy={strategy}", "optim.lr=0.02", "train.steps=8",
-                 "train.eval_every=8", "checkpoint.every=8"]
-        runs[strategy] = _losses(_run(small_corpus, tmp_path, strategy, ["tiny", "fsdp"], extra))
-    np.testing.assert_allclose(runs["layer_sharded"], runs["gathered"], rtol=1e-4)
-    assert np.mean(runs["layer_sharded"][-3:]) < runs["layer_sharded"][0] - 0.3
+MUON = ["optim.name=muon", "optim.lr=0.02", "train.steps=8", "train.eval_every=8", "checkpoint.every=8"]
+
+
+@pytest.fixture(scope="module")
+def muon_layer_sharded(data_args, tmp_path_factory) -> list[float]:
+    return _losses(_run(data_args, tmp_path_factory.mktemp("muon") / "layer_sharded", ["tiny", "fsdp"],
+                        [*MUON, "optim.muon_strategy=layer_sharded"]))
+
+
+def test_muon_layer_sharded_trains(muon_layer_sharded):
+    assert np.mean(muon_layer_sharded[-3:]) < muon_layer_sharded[0] - 0.3
+
+
+@pytest.mark.slow  # a second run; tests/test_muon.py checks the two strategies' updates against each other
+def test_muon_trains_layer_sharded_like_gathered(muon_layer_sharded, data_args, tmp_path):
+    gathered = _losses(_run(data_args, tmp_path / "gathered", ["tiny", "fsdp"],
+                            [*MUON, "optim.muon_strategy=gathered"]))
+    np.testing.assert_allclose(muon_layer_sharded, gathered, rtol=1e-4)

@@ -144,7 +144,7 @@ def _train(cfg: Config, run_dir: Path, events: EventLog, stopper: Stopper, log: 
         bar = stack.enter_context(tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step",
                                        dynamic_ncols=True, desc="train"))
         evaluator = Evaluator(run, data.eval_sets(cfg.train.eval_batches), data.eval_weights, events, metrics,
-                              bar.write)
+                              bar.write if host == 0 else lambda line: None)  # host 0 speaks for the run
         logger = _step_logger(cfg, run, data, events, metrics, bar, log)
         state, reason = _loop(run, state, plan, data, ckpt, meta, logger, evaluator, stopper, events, log)
         return finish(cfg, data, state, reason, evaluator, logger, start, events, run_dir, t_start)
