@@ -1,17 +1,17 @@
 """`train(cfg)`: prepare the data, build the run, restore or initialise the state, loop, finish.
 
-    run   = build_run(cfg, ...)                        # mesh, shardings, optimizer, jitted step and eval
-    state = restore_or_init(run, ckpt, meta, plan ...) # every resume check lives in keel/train/resume.py
-    for step, batch in prefetched(plan.train_steps(start)):
-        state, metrics = run.step(state, batch)        # asynchronous: no device -> host read here
-        logger.on_step(...)                            # reads the previous step's metrics
-        evaluator / checkpointer when due; stopper.check(step) says when and why to stop
-    finish(...)                                        # no eval or sample after a signal
+    trainer = Trainer.build(cfg, ...)                  # data, plan, run (mesh, jitted step), checkpointer
+    state   = restore_or_init(run, ckpt, meta, plan..) # every resume check lives in keel/train/resume.py
+    trainer.loop(state):
+        for step, batch in prefetched(plan.train_steps(start)):
+            state, metrics = run.step(state, batch)    # asynchronous: no device -> host read here
+            logger.on_step(...)                        # reads the previous step's metrics
+            evaluator / checkpointer when due; stopper.check(step) says when and why to stop
+    trainer.finish(state, reason)                      # no eval or sample after a signal
 
 Each observer decides its own cadence (keel/train/observe.py). Resuming a run directory continues the same run,
 bitwise on CPU.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -107,9 +107,16 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = T
     events.emit("start", run_fingerprint=fingerprint(cfg), devices=jax.device_count(),
                 backend=jax.default_backend())
     try:
-        with Stopper(cfg.train.steps, cfg.train.stop_at or cfg.train.steps) as stopper:
-            return _train(cfg, run_dir, events, stopper, log, progress and host == 0, allow_config_change,
-                          devices, t_start)
+        with Stopper(cfg.train.steps, cfg.train.stop_at or cfg.train.steps) as stopper, \
+                contextlib.ExitStack() as stack:
+            trainer = Trainer.build(cfg, run_dir, events, stopper, stack, log=log, progress=progress and host == 0,
+                                    devices=devices)
+            state = restore_or_init(trainer.run, trainer.ckpt, trainer.meta, trainer.plan, events,
+                                    allow_config_change, log)
+            start = int(state.step)
+            trainer.observe(start, stack)
+            state, reason = trainer.loop(state)
+            return trainer.finish(state, reason, start, t_start)
     except BaseException as e:
         events.emit("failure", error=f"{type(e).__name__}: {e}")
         raise
@@ -117,110 +124,123 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = T
         events.close()
 
 
-def _train(cfg: Config, run_dir: Path, events: EventLog, stopper: Stopper, log: Callable[[str], None],
-           progress: bool, allow_config_change: bool, devices: Sequence[jax.Device] | None,
-           t_start: float) -> Summary:
-    host = jax.process_index()
-    with events.span("data_prepare"):
-        data = prepare_data(cfg, run_dir, log=log, progress=progress, host=host)
-    if host == 0 and not (run_dir / "tokenizer.json").exists():
-        atomic_write(run_dir / "tokenizer.json", data.tokenizer.to_str(pretty=True))
-    plan = StepPlan.from_config(cfg)
-    data.check_budget(plan.stop)
-    run = build_run(cfg, data.bos_id, data.pad_id, devices, log)
-    log(f"model: {transformer.count_params(cfg.model):,} parameters; mesh {dict(run.mesh.shape)} on "
-        f"{jax.device_count()} {jax.default_backend()} device(s); compute dtype "
-        f"{transformer.compute_dtype(cfg.model)}")
-    for note in run.notes:
-        log(f"sharding: {note}")
-    meta = checkpoint_meta(fingerprint(cfg), data.fingerprint, data.description, plan)
-    with contextlib.ExitStack() as stack:
+@dataclass
+class Trainer:
+    """The collaborators of one process's run; `observe` adds the observers once the start step is known."""
+
+    cfg: Config
+    run_dir: Path
+    data: DataSource
+    plan: StepPlan
+    run: Run
+    ckpt: Checkpointer
+    meta: dict
+    events: EventLog
+    stopper: Stopper
+    log: Callable[[str], None]
+    progress: bool
+    logger: StepLogger | None = None
+    evaluator: Evaluator | None = None
+
+    @classmethod
+    def build(cls, cfg: Config, run_dir: Path, events: EventLog, stopper: Stopper, stack: contextlib.ExitStack, *,
+              log: Callable[[str], None], progress: bool, devices: Sequence[jax.Device] | None) -> Trainer:
+        """Data, plan, run and checkpointer (closed by `stack`, last: whatever happens, the last save is written)."""
+        host = jax.process_index()
+        with events.span("data_prepare"):
+            data = prepare_data(cfg, run_dir, log=log, progress=progress, host=host)
+        if host == 0 and not (run_dir / "tokenizer.json").exists():
+            atomic_write(run_dir / "tokenizer.json", data.tokenizer.to_str(pretty=True))
+        plan = StepPlan.from_config(cfg)
+        data.check_budget(plan.stop)
+        run = build_run(cfg, data.bos_id, data.pad_id, devices, log)
+        log(f"model: {transformer.count_params(cfg.model):,} parameters; mesh {dict(run.mesh.shape)} on "
+            f"{jax.device_count()} {jax.default_backend()} device(s); compute dtype "
+            f"{transformer.compute_dtype(cfg.model)}")
+        for note in run.notes:
+            log(f"sharding: {note}")
+        meta = checkpoint_meta(fingerprint(cfg), data.fingerprint, data.description, plan)
         ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save,
                             cfg.checkpoint.every, events)
-        stack.callback(ckpt.close)  # runs last: whatever happens, the last save is written
-        state = restore_or_init(run, ckpt, meta, plan, events, allow_config_change, log)
-        start = int(state.step)
-        metrics = stack.enter_context(metrics_writer(run_dir, host))
-        bar = stack.enter_context(tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step",
-                                       dynamic_ncols=True, desc="train"))
-        evaluator = Evaluator(run, data.eval_sets(cfg.train.eval_batches), data.eval_weights, events, metrics,
-                              bar.write if host == 0 else lambda line: None)  # host 0 speaks for the run
-        logger = _step_logger(cfg, run, data, events, metrics, bar, log)
-        state, reason = _loop(run, state, plan, data, ckpt, meta, logger, evaluator, stopper, events, log)
-        return finish(cfg, data, state, reason, evaluator, logger, start, events, run_dir, t_start)
+        stack.callback(ckpt.close)
+        return cls(cfg, run_dir, data, plan, run, ckpt, meta, events, stopper, log, progress)
 
+    def observe(self, start: int, stack: contextlib.ExitStack) -> None:
+        """metrics.jsonl, the progress bar, the step logger and the evaluator, from step `start` on."""
+        cfg, host = self.cfg, jax.process_index()
+        metrics = stack.enter_context(metrics_writer(self.run_dir, host))
+        bar = stack.enter_context(tqdm(total=cfg.train.steps, initial=start, disable=not self.progress,
+                                       unit="step", dynamic_ncols=True, desc="train"))
+        self.evaluator = Evaluator(self.run, self.data.eval_sets(cfg.train.eval_batches), self.data.eval_weights,
+                                   self.events, metrics, bar.write if host == 0 else lambda line: None)
+        peak, peak_source = peak_flops_per_device(jax.local_devices()[0])
+        self.log(f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
+        flops = transformer.model_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.batch_size \
+            * cfg.data.seq_len
+        self.logger = StepLogger(cfg, self.events, metrics, bar, flops, peak * jax.device_count(), self.data.epochs)
 
-def _step_logger(cfg: Config, run: Run, data: DataSource, events: EventLog, metrics, bar: tqdm,
-                 log: Callable[[str], None]) -> StepLogger:
-    peak, peak_source = peak_flops_per_device(jax.local_devices()[0])
-    log(f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
-    tokens = cfg.train.batch_size * cfg.data.seq_len
-    flops = transformer.model_flops_per_token(cfg.model, cfg.data.seq_len) * tokens
-    return StepLogger(cfg, events, metrics, bar, flops, peak * jax.device_count(), data.epochs)
+    def loop(self, state: TrainState) -> tuple[TrainState, str]:
+        """Train the plan's steps from the state's step; returns the final state and why the loop stopped."""
+        run, logger, evaluator, ckpt = self.run, self.logger, self.evaluator, self.ckpt
+        host, n_hosts = jax.process_index(), jax.process_count()
+        done = int(state.step)  # the step the state is at, tracked on the host
+        steps = self.plan.train_steps(done)
+        if steps:
+            with logger.paused():
+                seconds = run.compile(state, self.data.host_batch(steps[0], host, n_hosts), self.events)
+            self.log(f"compiled the train step in {seconds:.1f}s")
+        prefetch = Prefetcher(self.data, steps, host, n_hosts, depth=self.cfg.data.prefetch)
+        reason = None
+        try:
+            for step, batch in prefetch:
+                if step != done:
+                    logger.on_skip(done, step)
+                    state = run.set_step(state, step)
+                state, metrics = run.step(state, batch)
+                done = step + 1
+                logger.on_step(done, metrics, prefetch.last_wait_s)
+                reason = self.stopper.check(done)
+                if reason or evaluator.due(done) or ckpt.due(done):
+                    with logger.paused(last=reason is not None):
+                        if reason != "signal":
+                            evaluator.maybe(done, state.params)
+                        ckpt.maybe_save(done, state, self.meta, force=reason is not None)
+                if reason:
+                    break
+        finally:
+            prefetch.close()
+            logger.close()
+        return self._end(state, done, reason)
 
+    def _end(self, state: TrainState, done: int, reason: str | None) -> tuple[TrainState, str]:
+        if reason is None and done < self.plan.stop:  # the plan's last steps are all in the skip list
+            self.logger.on_skip(done, self.plan.stop)
+            state, done = self.run.set_step(state, self.plan.stop), self.plan.stop
+            self.ckpt.save(done, state, self.meta)
+        reason = reason or self.stopper.check(done) or "done"
+        if reason == "signal":
+            self.log(f"signal {self.stopper.signal}: checkpointed step {done}; stopping")
+            self.events.emit("preempted", step=done, signal=self.stopper.signal)
+        return state, reason
 
-def _loop(run: Run, state: TrainState, plan: StepPlan, data: DataSource, ckpt: Checkpointer, meta: dict,
-          logger: StepLogger, evaluator: Evaluator, stopper: Stopper, events: EventLog,
-          log: Callable[[str], None]) -> tuple[TrainState, str]:
-    """Train the plan's steps from the state's step; returns the final state and why the loop stopped."""
-    host, n_hosts = jax.process_index(), jax.process_count()
-    done = int(state.step)  # the step the state is at, tracked on the host
-    steps = plan.train_steps(done)
-    if steps:
-        with logger.paused():
-            seconds = run.compile(state, data.host_batch(steps[0], host, n_hosts), events)
-        log(f"compiled the train step in {seconds:.1f}s")
-    prefetch = Prefetcher(data, steps, host, n_hosts, depth=run.cfg.data.prefetch)
-    reason = None
-    try:
-        for step, batch in prefetch:
-            if step != done:
-                logger.on_skip(done, step)
-                state = run.set_step(state, step)
-            state, metrics = run.step(state, batch)
-            done = step + 1
-            logger.on_step(done, metrics, prefetch.last_wait_s)
-            reason = stopper.check(done)
-            if reason or evaluator.due(done) or ckpt.due(done):
-                with logger.paused(last=reason is not None):
-                    if reason != "signal":
-                        evaluator.maybe(done, state.params)
-                    ckpt.maybe_save(done, state, meta, force=reason is not None)
-            if reason:
-                break
-    finally:
-        prefetch.close()
-        logger.close()
-    if reason is None and done < plan.stop:  # the plan's last steps are all in the skip list
-        logger.on_skip(done, plan.stop)
-        state, done = run.set_step(state, plan.stop), plan.stop
-        ckpt.save(done, state, meta)
-    reason = reason or stopper.check(done) or "done"
-    if reason == "signal":
-        log(f"signal {stopper.signal}: checkpointed step {done}; stopping")
-        events.emit("preempted", step=done, signal=stopper.signal)
-    return state, reason
-
-
-def finish(cfg: Config, data: DataSource, state: TrainState, reason: str, evaluator: Evaluator,
-           logger: StepLogger, start: int, events: EventLog, run_dir: Path, t_start: float) -> Summary:
-    """The run's summary (summary.json, the `end` event). After a signal: no evaluation, no sample."""
-    end = int(state.step)
-    heldout, sample = float("nan"), ""
-    if reason != "signal":
-        heldout = evaluator.at(end, state.params)[0]
-        tok = data.tokenizer
-        prompt = [data.bos_id] + tok.encode(cfg.train.sample_prompt, add_special_tokens=False).ids
-        ids = greedy_sample(state.params, prompt, cfg.train.sample_tokens, cfg.model, data.eos_id,
-                            out_sharding=evaluator.run.replicated)
-        sample = cfg.train.sample_prompt + tok.decode(ids)
-    summary = Summary(
-        run_dir=str(run_dir), start_step=start, step=end, steps=cfg.train.steps,
-        train_loss=logger.last_loss if start < end else math.nan, heldout_loss=heldout,
-        unigram_entropy=unigram_entropy(data), tokens_seen=end * cfg.train.batch_size * cfg.data.seq_len,
-        wall_s=time.monotonic() - t_start, sample=sample, reason=reason,
-    )
-    events.emit("end", step=end, heldout_loss=heldout, stopped_early=summary.stopped_early, reason=reason)
-    if jax.process_index() == 0:
-        atomic_write(run_dir / "summary.json", json.dumps(summary.record(), indent=1))
-    return summary
+    def finish(self, state: TrainState, reason: str, start: int, t_start: float) -> Summary:
+        """The run's summary (summary.json, the `end` event). After a signal: no evaluation, no sample."""
+        cfg, data = self.cfg, self.data
+        end = int(state.step)
+        heldout, sample = float("nan"), ""
+        if reason != "signal":
+            heldout = self.evaluator.at(end, state.params)[0]
+            prompt = [data.bos_id] + data.tokenizer.encode(cfg.train.sample_prompt, add_special_tokens=False).ids
+            ids = greedy_sample(state.params, prompt, cfg.train.sample_tokens, cfg.model, data.eos_id,
+                                out_sharding=self.run.replicated)
+            sample = cfg.train.sample_prompt + data.tokenizer.decode(ids)
+        summary = Summary(
+            run_dir=str(self.run_dir), start_step=start, step=end, steps=cfg.train.steps,
+            train_loss=self.logger.last_loss if start < end else math.nan, heldout_loss=heldout,
+            unigram_entropy=unigram_entropy(data), tokens_seen=end * cfg.train.batch_size * cfg.data.seq_len,
+            wall_s=time.monotonic() - t_start, sample=sample, reason=reason,
+        )
+        self.events.emit("end", step=end, heldout_loss=heldout, stopped_early=summary.stopped_early, reason=reason)
+        if jax.process_index() == 0:
+            atomic_write(self.run_dir / "summary.json", json.dumps(summary.record(), indent=1))
+        return summary
