@@ -39,3 +39,11 @@ class CheckpointError(KeelError, RuntimeError):
 
     exit_code = EXIT_CHECKPOINT
     kind = "checkpoint error"
+
+
+class Preempted(KeelError):
+    """SIGTERM/SIGINT before the first step (data preparation, restore, compilation): nothing new to save, so
+    stop with the preemption code at the next phase boundary; the launcher restarts the job, which resumes."""
+
+    exit_code = EXIT_PREEMPTED
+    kind = "preempted"

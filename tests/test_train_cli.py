@@ -229,7 +229,8 @@ def test_sigterm_checkpoints_within_a_step_and_exits_143_without_eval_or_sample(
     assert "eval" not in after and "step" not in after
     assert "sample (greedy)" not in log.read_text()
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["reason"] == "signal" and summary["step"] == preempted["step"] and summary["sample"] == ""
+    assert summary["reason"] == "signal" and summary["step"] == preempted["step"]
+    assert summary["sample"] is None and summary["heldout_loss"] is None  # strict JSON: null, not NaN
     assert _train(args, "train.stop_at=" + str(preempted["step"] + 1)) == 0  # resumes where it stopped
     restored = [e["step"] for e in read_events(events_path) if e["kind"] == "checkpoint_restore"]
     assert restored == [preempted["step"]]
@@ -261,3 +262,23 @@ def test_trainer_feeds_the_step_batch_after_skipped_steps(tiny_args):
     other = data.global_batch(3)
     full3 = expand(other["tokens"], other["first_position"], data.bos_id, data.pad_id)
     assert float(transformer.loss_fn(params_3, full3, cfg.model)[0]) != pytest.approx(rows[6]["loss"], rel=1e-5)
+
+
+def test_sigterm_during_start_up_exits_143_before_any_step(tiny_args):
+    """Before the first step there is nothing new to save: a signal during data preparation, restore or
+    compilation stops the process at the next phase boundary with the preemption code and a `preempted`
+    event, before any step (and without crashing on the way out)."""
+    run = _run_dir(tiny_args)
+    events_path = run / "events" / "host0000.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "keel", "train", "--no-progress", *tiny_args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and not (
+            events_path.exists() and any(e["kind"] == "start" for e in read_events(events_path))):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert "keel: preempted: signal 15" in err
+    kinds = [e["kind"] for e in read_events(events_path)]
+    assert "preempted" in kinds and "step" not in kinds and "failure" not in kinds

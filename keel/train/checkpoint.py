@@ -73,15 +73,16 @@ class Checkpointer:
         return TrainState.from_dict(out["state"]), dict(out["meta"])
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
-
-    def close(self) -> None:
-        """Wait for the last save to be written (the `checkpoint_wait` event), then release the manager."""
+        """Block until the last save is written (the `checkpoint_wait` event)."""
         if self.events is None:
             self.manager.wait_until_finished()
-        else:
-            with self.events.span("checkpoint_wait"):
-                self.manager.wait_until_finished()
+            return
+        with self.events.span("checkpoint_wait"):
+            self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for any save in flight, then release the manager."""
+        self.manager.wait_until_finished()
         self.manager.close()
 
 

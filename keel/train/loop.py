@@ -29,7 +29,7 @@ from keel.config import Config, fingerprint
 from keel.data.inspect import unigram_entropy
 from keel.data.loader import DataSource, Prefetcher
 from keel.data.prepare import prepare_data
-from keel.errors import EXIT_OK, EXIT_PREEMPTED
+from keel.errors import EXIT_OK, EXIT_PREEMPTED, Preempted
 from keel.io import atomic_write
 from keel.model import transformer
 from keel.model.sampling import greedy_sample
@@ -56,7 +56,7 @@ class Summary:
     unigram_entropy: float
     tokens_seen: int
     wall_s: float
-    sample: str
+    sample: str | None  # None: not sampled (a signal came)
     reason: str  # why the process stopped: "done", "stop_at" or "signal" (see Stopper)
 
     @property
@@ -74,7 +74,9 @@ class Summary:
         return 1.0 - self.heldout_loss / self.unigram_entropy
 
     def record(self) -> dict:
-        return self.__dict__ | {"stopped_early": self.stopped_early, "below_unigram": self.below_unigram}
+        """summary.json: strict JSON (a loss that was not measured is null, not NaN)."""
+        rec = self.__dict__ | {"stopped_early": self.stopped_early, "below_unigram": self.below_unigram}
+        return {k: _finite_or_none(v) for k, v in rec.items()}
 
     def table(self) -> str:
         rows = [
@@ -82,15 +84,17 @@ class Summary:
             ("steps", f"{self.start_step} -> {self.step} of {self.steps}"
                       + (f"  (stopped early: {STOP_REASONS[self.reason]})" if self.stopped_early else "")),
             ("final train loss", f"{self.train_loss:.4f} nats"),
-            ("held-out loss", f"{self.heldout_loss:.4f} nats"),
-            ("unigram entropy", f"{self.unigram_entropy:.4f} nats  (held-out loss is "
-                                f"{100 * self.below_unigram:.1f}% below it)"),
+            ("held-out loss", f"{self.heldout_loss:.4f} nats" if math.isfinite(self.heldout_loss)
+                              else "not measured (a signal came: no final evaluation)"),
+            ("unigram entropy", f"{self.unigram_entropy:.4f} nats" + (
+                f"  (held-out loss is {100 * self.below_unigram:.1f}% below it)"
+                if math.isfinite(self.heldout_loss) else "")),
             ("tokens seen", f"{self.tokens_seen:,}"),
             ("wall time", f"{self.wall_s:.1f} s"),
         ]
         width = max(len(k) for k, _ in rows)
         lines = [f"{k:<{width}}  {v}" for k, v in rows]
-        if self.reason != "signal":
+        if self.sample is not None:
             lines.append("sample (greedy):")
             lines.extend("  | " + line for line in self.sample.splitlines() or [""])
         return "\n".join(lines)
@@ -104,19 +108,24 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = T
     check_run_dir(cfg, run_dir, allow_config_change)
     host = jax.process_index()
     events = EventLog(run_dir / "events" / f"host{host:04d}.jsonl", host)
-    events.emit("start", run_fingerprint=fingerprint(cfg), devices=jax.device_count(),
-                backend=jax.default_backend())
+    stopper = Stopper(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
     try:
-        with Stopper(cfg.train.steps, cfg.train.stop_at or cfg.train.steps) as stopper, \
-                contextlib.ExitStack() as stack:
+        with stopper, contextlib.ExitStack() as stack:
+            events.emit("start", run_fingerprint=fingerprint(cfg), devices=jax.device_count(),
+                        backend=jax.default_backend())
             trainer = Trainer.build(cfg, run_dir, events, stopper, stack, log=log, progress=progress and host == 0,
                                     devices=devices)
+            stopper.stop_if_signalled("data preparation")
             state = restore_or_init(trainer.run, trainer.ckpt, trainer.meta, trainer.plan, events,
                                     allow_config_change, log)
             start = int(state.step)
+            stopper.stop_if_signalled("initialisation" if trainer.ckpt.latest_step() is None else "restore")
             trainer.observe(start, stack)
             state, reason = trainer.loop(state)
             return trainer.finish(state, reason, start, t_start)
+    except Preempted as e:
+        events.emit("preempted", signal=stopper.signal, note=str(e))
+        raise
     except BaseException as e:
         events.emit("failure", error=f"{type(e).__name__}: {e}")
         raise
@@ -189,6 +198,10 @@ class Trainer:
             with logger.paused():
                 seconds = run.compile(state, self.data.host_batch(steps[0], host, n_hosts), self.events)
             self.log(f"compiled the train step in {seconds:.1f}s")
+        if len(steps) < self.plan.stop - done:
+            self.log(f"data: skipping {self.plan.stop - done - len(steps)} step(s) in "
+                     f"data.skip_steps={list(self.cfg.data.skip_steps)}")
+        self.stopper.stop_if_signalled("compilation")
         prefetch = Prefetcher(self.data, steps, host, n_hosts, depth=self.cfg.data.prefetch)
         reason = None
         try:
@@ -202,21 +215,30 @@ class Trainer:
                 reason = self.stopper.check(done)
                 if reason or evaluator.due(done) or ckpt.due(done):
                     with logger.paused(last=reason is not None):
-                        if reason != "signal":
-                            evaluator.maybe(done, state.params)
                         ckpt.maybe_save(done, state, self.meta, force=reason is not None)
+                        if reason != "signal":
+                            evaluator.maybe(done, state.params)  # while the checkpoint is written
                 if reason:
                     break
-        finally:
+        except FloatingPointError as e:
             prefetch.close()
-            logger.close()
+            raise FloatingPointError(f"{e}; last checkpoint: {ckpt.latest_step()}") from None
+        except BaseException:
+            prefetch.close()
+            with contextlib.suppress(Exception):  # the pending step's record if it can be read: the error wins
+                logger.close()
+            raise
+        prefetch.close()
+        logger.close()
         return self._end(state, done, reason)
 
     def _end(self, state: TrainState, done: int, reason: str | None) -> tuple[TrainState, str]:
+        """The final checkpoint is written before anything else happens (summary, sample)."""
         if reason is None and done < self.plan.stop:  # the plan's last steps are all in the skip list
             self.logger.on_skip(done, self.plan.stop)
             state, done = self.run.set_step(state, self.plan.stop), self.plan.stop
             self.ckpt.save(done, state, self.meta)
+        self.ckpt.wait()
         reason = reason or self.stopper.check(done) or "done"
         if reason == "signal":
             self.log(f"signal {self.stopper.signal}: checkpointed step {done}; stopping")
@@ -224,11 +246,12 @@ class Trainer:
         return state, reason
 
     def finish(self, state: TrainState, reason: str, start: int, t_start: float) -> Summary:
-        """The run's summary (summary.json, the `end` event). After a signal: no evaluation, no sample."""
+        """The run's summary (summary.json, the `end` event). After a signal (even one that came with the last
+        step): no evaluation, no sample."""
         cfg, data = self.cfg, self.data
         end = int(state.step)
-        heldout, sample = float("nan"), ""
-        if reason != "signal":
+        heldout, sample = float("nan"), None
+        if self.stopper.signal is None:
             heldout = self.evaluator.at(end, state.params)[0]
             prompt = [data.bos_id] + data.tokenizer.encode(cfg.train.sample_prompt, add_special_tokens=False).ids
             ids = greedy_sample(state.params, prompt, cfg.train.sample_tokens, cfg.model, data.eos_id,
@@ -240,7 +263,12 @@ class Trainer:
             unigram_entropy=unigram_entropy(data), tokens_seen=end * cfg.train.batch_size * cfg.data.seq_len,
             wall_s=time.monotonic() - t_start, sample=sample, reason=reason,
         )
-        self.events.emit("end", step=end, heldout_loss=heldout, stopped_early=summary.stopped_early, reason=reason)
+        self.events.emit("end", step=end, heldout_loss=_finite_or_none(heldout), stopped_early=summary.stopped_early,
+                         reason=reason)
         if jax.process_index() == 0:
             atomic_write(self.run_dir / "summary.json", json.dumps(summary.record(), indent=1))
         return summary
+
+
+def _finite_or_none(x: object) -> object:
+    return None if isinstance(x, float) and not math.isfinite(x) else x

@@ -25,6 +25,7 @@ import jax
 from tqdm import tqdm
 
 from keel.config import Config
+from keel.errors import Preempted
 from keel.train.events import EventLog
 from keel.train.run import Metrics, Run
 
@@ -84,9 +85,9 @@ class StepLogger:
         m = jax.device_get(p.metrics)  # blocks until step p.step is done; the next one is already queued
         now = time.perf_counter()
         dt, self._clock = now - self._clock, now
-        loss = float(m["loss"])
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {p.step - 1}")
+        loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise FloatingPointError(f"loss {loss}, gradient norm {grad_norm} at step {p.step - 1}")
         self.last_loss = loss
         self.events.emit("step", step=p.step, duration_s=dt, data_wait_s=p.data_wait_s, loss=loss)
         self.bar.update(1)
@@ -95,7 +96,7 @@ class StepLogger:
         tps = self.tokens_per_step / dt
         mfu = self.flops_per_step / dt / self.peak_flops
         self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * mfu:.1f}%", refresh=False)
-        rec = {"step": p.step, "loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
+        rec = {"step": p.step, "loss": loss, "grad_norm": grad_norm, "lr": float(m["lr"]),
                "tokens_per_s": tps, "mfu": mfu, "step_s": dt, "data_wait_s": p.data_wait_s,
                "epochs": self.epochs(p.step), "tokens": p.step * self.tokens_per_step}
         self.metrics.write(json.dumps(rec) + "\n")
@@ -151,8 +152,12 @@ class Evaluator:
 
 class Stopper:
     """Why the loop should stop after a step: "signal" (SIGTERM/SIGINT: checkpoint and exit 143), "stop_at"
-    (train.stop_at reached, a time slice), "done" (train.steps reached); None to go on. A context manager
-    that owns the signal handlers; a second signal stops at once (KeyboardInterrupt)."""
+    (train.stop_at reached, a time slice), "done" (train.steps reached); None to go on.
+
+    A context manager that owns the signal handlers; a signal only raises a flag (a second one stops at once:
+    KeyboardInterrupt). In the loop the flag means: save the next step and stop. Before the first step there
+    is nothing new to save: `stop_if_signalled` raises `Preempted` at the next phase boundary (after data
+    preparation, restore, compilation), where no computation is in flight."""
 
     def __init__(self, steps: int, stop: int):
         self.steps, self.stop = steps, stop
@@ -174,6 +179,10 @@ class Stopper:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signum
+
+    def stop_if_signalled(self, during: str) -> None:
+        if self.signal is not None:
+            raise Preempted(f"signal {self.signal} during {during}: nothing new to save; stopping")
 
     def check(self, step: int) -> str | None:
         if step >= self.stop:
