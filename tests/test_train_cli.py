@@ -1,6 +1,7 @@
 """The real `keel train` entry point on a tiny config: train, resume, and refuse what would corrupt a run."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from keel.cli import main
 from keel.config import load_config
 from keel.errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_PREEMPTED
 from keel.train.checkpoint import load_params
-from keel.train.events import read_events
+from keel.train.events import EventLog, read_events
 
 
 def _run_dir(args):
@@ -71,6 +72,11 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny_args, tmp_path):
     assert _train(parts) == 0  # the same command again: resumes at 3 and finishes
     events = read_events(tmp_path / "parts" / "events" / "host0000.jsonl")
     assert [e["step"] for e in events if e["kind"] == "checkpoint_restore"] == [3]
+    # the second process is attempt 2, and says how attempt 1 ended (never inferred from repeated steps)
+    assert [e["attempt"] for e in events if e["kind"] == "start"] == [1, 2]
+    restart = next(e for e in events if e["kind"] == "restart")
+    assert (restart["attempt"], restart["previous_attempt"], restart["previous_ending"]) == (2, 1, "stop_at")
+    assert restart["gap_s"] >= 0 and all("step_start_time" in e for e in events if e["kind"] == "step")
     a, step_a = load_params(tmp_path / "whole", cfg)
     b, step_b = load_params(tmp_path / "parts", cfg)
     assert step_a == step_b == 6
@@ -140,6 +146,8 @@ def test_corrupt_checkpoint_names_the_path_and_keeps_it(tiny_args, capsys):
     assert _train(tiny_args) == EXIT_CHECKPOINT
     err = capsys.readouterr().err
     assert str(latest) in err and "resume from step 2" in err
+    failure = read_events(run / "events" / "host0000.jsonl")[-1]
+    assert (failure["kind"], failure["reason"], failure["attempt"]) == ("failure", "checkpoint_error", 2)
     assert latest.exists() and (run / "checkpoints" / "2").exists()
 
 
@@ -282,3 +290,37 @@ def test_sigterm_during_start_up_exits_143_before_any_step(tiny_args):
     assert "keel: preempted: signal 15" in err
     kinds = [e["kind"] for e in read_events(events_path)]
     assert "preempted" in kinds and "step" not in kinds and "failure" not in kinds
+
+
+def test_a_second_process_on_the_same_run_directory_is_refused(tiny_args, capsys):
+    from keel.io import exclusive
+
+    run = _run_dir(tiny_args)
+    with exclusive(run / ".lock-host0000", "the run directory"):  # as a first `keel train` would hold it
+        assert _train(tiny_args) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert f"is in use by pid {os.getpid()}" in err and "two processes must not train one run directory" in err
+    assert not (run / "config.yaml").exists() and not (run / "events").exists()  # refused before writing
+    assert _train(tiny_args, "train.steps=2", "optim.warmup_steps=1", "train.eval_every=2") == 0  # lock released
+
+
+def test_restart_reads_how_the_previous_attempt_ended(tmp_path):
+    path = tmp_path / "host0000.jsonl"
+    first = EventLog(path)
+    assert (first.attempt, first.previous) == (1, None)
+    first.emit("start")
+    first.emit("step", step=1)
+    first.close()
+    with open(path, "a") as f:
+        f.write('{"kind": "step", "step": 2, "att')  # the line a SIGKILL cut
+    second = EventLog(path)
+    assert (second.attempt, second.previous_ending()) == (2, "killed")
+    second.emit("end", reason="stop_at")
+    second.close()
+    third = EventLog(path)
+    assert (third.attempt, third.previous_ending()) == (3, "stop_at")
+    third.emit("failure", reason="non_finite_loss")
+    third.close()
+    assert EventLog(path).previous_ending() == "non_finite_loss"
+    kinds = [(e["kind"], e["attempt"]) for e in read_events(path)]  # the cut line is left out, nothing else
+    assert kinds == [("start", 1), ("step", 1), ("end", 2), ("failure", 3)]

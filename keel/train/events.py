@@ -17,13 +17,35 @@ from typing import Any
 
 
 class EventLog:
+    """Appends events to one host's file. Every process start is an attempt, numbered per host (1, 2, ...) and
+    stamped on each of its lines; `previous` is how the attempt before it ended, read from the file's last
+    line (None for a first attempt), so a restart is recorded as such and never inferred from repeated steps."""
+
     def __init__(self, path: Path, host: int = 0):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.host = host
-        # Held open for the run, line-buffered: a crash loses at most the line being written.
+        self.previous = last_event(path)
+        self.attempt = int((self.previous or {}).get("attempt", 0)) + 1
+        # Held open for the run, line-buffered: a crash loses at most the line being written; a line a crash cut
+        # is ended first, so that it does not swallow this attempt's first event.
         self._f = open(path, "a", buffering=1)  # noqa: SIM115
-        self._base = {"host": host, "pid": os.getpid(), "hostname": socket.gethostname()}
+        if self._f.tell() and not _ends_with_newline(path):
+            self._f.write("\n")
+        self._base = {"host": host, "pid": os.getpid(), "hostname": socket.gethostname(), "attempt": self.attempt}
+
+    def previous_ending(self) -> str:
+        """How the previous attempt ended, from its last event: "done", "stop_at", "signal", a failure's reason,
+        or "killed" (its last line is an ordinary one: SIGKILL, OOM, a machine lost, a hang killed from outside)."""
+        last = self.previous or {}
+        kind = last.get("kind")
+        if kind == "end":
+            return str(last.get("reason", "done"))
+        if kind == "preempted":
+            return "signal"
+        if kind == "failure":
+            return str(last.get("reason", "crash"))
+        return "killed"
 
     def emit(self, kind: str, **fields: Any) -> None:
         rec = {"kind": kind, "t_wall": time.time(), "t_mono": time.monotonic(), **self._base, **fields}
@@ -43,6 +65,39 @@ class EventLog:
         self._f.close()
 
 
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def last_event(path: Path, tail: int = 1 << 16) -> dict[str, Any] | None:
+    """The last complete event of a file (reading only its tail), or None if it has none."""
+    if not path.exists():
+        return None
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - tail))
+        lines = f.read().splitlines()
+    for line in reversed(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut by a crash, or the middle of a line where the tail starts
+            continue
+        if isinstance(rec, dict):
+            return rec
+    return None
+
+
 def read_events(path: Path) -> list[dict[str, Any]]:
+    """Every complete event of a file, in order; a line that a crash cut short is left out."""
+    out = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out

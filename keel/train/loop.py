@@ -29,8 +29,8 @@ from keel.config import Config, fingerprint
 from keel.data.inspect import unigram_entropy
 from keel.data.loader import DataSource, Prefetcher
 from keel.data.prepare import prepare_data
-from keel.errors import EXIT_OK, EXIT_PREEMPTED, Preempted
-from keel.io import atomic_write
+from keel.errors import EXIT_OK, EXIT_PREEMPTED, CheckpointError, ConfigError, DataError, Preempted
+from keel.io import atomic_write, exclusive
 from keel.model import transformer
 from keel.model.sampling import greedy_sample
 from keel.train.checkpoint import Checkpointer
@@ -102,17 +102,26 @@ class Summary:
 
 def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = True,
           allow_config_change: bool = False, devices: Sequence[jax.Device] | None = None) -> Summary:
-    """Train (or resume) the run `cfg` describes. `devices`: the mesh's devices (default: all)."""
+    """Train (or resume) the run `cfg` describes. `devices`: the mesh's devices (default: all). One process per
+    host may train a run directory at a time: a second one is refused before it writes anything."""
     t_start = time.monotonic()
     run_dir = Path(cfg.run_dir).resolve()
+    host = jax.process_index()
+    with exclusive(run_dir / f".lock-host{host:04d}", f"run directory {run_dir} (host {host})"):
+        return _attempt(cfg, run_dir, t_start, log=log, progress=progress, allow_config_change=allow_config_change,
+                        devices=devices)
+
+
+def _attempt(cfg: Config, run_dir: Path, t_start: float, *, log: Callable[[str], None], progress: bool,
+             allow_config_change: bool, devices: Sequence[jax.Device] | None) -> Summary:
+    """One process's attempt at the run: events, then build, restore, loop and finish."""
     check_run_dir(cfg, run_dir, allow_config_change)
     host = jax.process_index()
     events = EventLog(run_dir / "events" / f"host{host:04d}.jsonl", host)
     stopper = Stopper(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
     try:
         with stopper, contextlib.ExitStack() as stack:
-            events.emit("start", run_fingerprint=fingerprint(cfg), devices=jax.device_count(),
-                        backend=jax.default_backend())
+            _emit_start(events, cfg)
             trainer = Trainer.build(cfg, run_dir, events, stopper, stack, log=log, progress=progress and host == 0,
                                     devices=devices)
             stopper.stop_if_signalled("data preparation")
@@ -127,10 +136,33 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = T
         events.emit("preempted", signal=stopper.signal, note=str(e))
         raise
     except BaseException as e:
-        events.emit("failure", error=f"{type(e).__name__}: {e}")
+        events.emit("failure", reason=failure_reason(e), error=f"{type(e).__name__}: {e}")
         raise
     finally:
         events.close()
+
+
+def _emit_start(events: EventLog, cfg: Config) -> None:
+    """`start` (with ml-goodput-measurement's `job_start_time`), and for a process that is not the host's first,
+    `restart`: the previous attempt, how it ended, and the gap since its last event."""
+    now = time.time()
+    events.emit("start", run_fingerprint=fingerprint(cfg), devices=jax.device_count(),
+                backend=jax.default_backend(), job_start_time=now)
+    if events.previous is not None:
+        events.emit("restart", previous_attempt=events.attempt - 1, previous_ending=events.previous_ending(),
+                    previous_last_event=events.previous.get("kind"),
+                    gap_s=max(0.0, now - float(events.previous.get("t_wall", now))))
+
+
+FAILURE_REASONS: dict[type[BaseException], str] = {
+    FloatingPointError: "non_finite_loss", DataError: "data_error", ConfigError: "config_error",
+    CheckpointError: "checkpoint_error", KeyboardInterrupt: "signal",
+}
+
+
+def failure_reason(e: BaseException) -> str:
+    """The class of a failure for accounting and for a supervisor's restart decision; "crash" for the rest."""
+    return next((r for t, r in FAILURE_REASONS.items() if isinstance(e, t)), "crash")
 
 
 @dataclass

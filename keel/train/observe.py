@@ -89,7 +89,9 @@ class StepLogger:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise FloatingPointError(f"loss {loss}, gradient norm {grad_norm} at step {p.step - 1}")
         self.last_loss = loss
-        self.events.emit("step", step=p.step, duration_s=dt, data_wait_s=p.data_wait_s, loss=loss)
+        # step_start_time: ml-goodput-measurement's key, the wall time at which this step began
+        self.events.emit("step", step=p.step, duration_s=dt, data_wait_s=p.data_wait_s, loss=loss,
+                         step_start_time=time.time() - dt)
         self.bar.update(1)
         if p.step % self.cfg.train.log_every and not always:
             return
