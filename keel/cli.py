@@ -63,8 +63,14 @@ def cmd_burnin(args: argparse.Namespace) -> int:
     return commands.run(args)
 
 
+def cmd_goodput(args: argparse.Namespace) -> int:
+    from keel.goodput import commands
+
+    return commands.run(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": cmd_train, "data": cmd_data,
-                                                          "burnin": cmd_burnin}
+                                                          "burnin": cmd_burnin, "goodput": cmd_goodput}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,8 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     from keel.parallel.distributed import add_distributed_args
 
     add_distributed_args(t)
+    from keel.goodput import commands as goodput_commands
+
     data_commands.add_parser(sub)
     diag_commands.add_parser(sub)
+    goodput_commands.add_parser(sub)
     return parser
 
 
