@@ -166,12 +166,18 @@ def young_daly(checkpoint_s: float, mtbf_s: float) -> tuple[float, float]:
     mean time between failures: tau = sqrt(2 C M); overhead = C / tau + tau / (2 M) (save plus expected lost
     work; restart time not included)."""
     tau = math.sqrt(2 * checkpoint_s * mtbf_s)
-    return tau, checkpoint_s / tau + tau / (2 * mtbf_s)
+    return tau, checkpoint_overhead(checkpoint_s, tau, mtbf_s)
 
 
-def account_run(run_dir: Path) -> dict[int, Breakdown]:
-    """Per host, the breakdown of `run_dir/events/hostNNNN.jsonl`."""
+def checkpoint_overhead(checkpoint_s: float, interval_s: float, mtbf_s: float) -> float:
+    """The fraction of time a checkpoint every `interval_s` costs: its saves, and the work a failure loses
+    (half an interval on average)."""
+    return checkpoint_s / interval_s + interval_s / (2 * mtbf_s)
+
+
+def host_events(run_dir: Path) -> dict[int, list[dict[str, Any]]]:
+    """Per host, the events of `run_dir/events/hostNNNN.jsonl`."""
     files = sorted((Path(run_dir) / "events").glob("host*.jsonl"))
     if not files:
         raise FileNotFoundError(f"{run_dir}/events has no host*.jsonl: is it a keel run directory?")
-    return {int(f.stem[4:]): account(read_events(f)) for f in files}
+    return {int(f.stem[4:]): read_events(f) for f in files}

@@ -25,26 +25,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from keel.errors import ConfigError
-    from keel.goodput.account import account_run, young_daly
-    from keel.train.events import read_events
+    from keel.goodput.account import account, host_events
 
     run_dir = Path(args.run_dir)
     try:
-        hosts = account_run(run_dir)
+        events = host_events(run_dir)
+        hosts = {h: account(ev) for h, ev in events.items()}
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"keel goodput {run_dir}: {e}") from None
-    events = read_events(run_dir / "events" / f"host{min(hosts):04d}.jsonl")
-    saves = [e["duration_s"] for e in events if e["kind"] == "checkpoint_save"]
-    steps = [e["duration_s"] for e in events if e["kind"] == "step"]
-    advice = None
-    if saves and steps:
-        c, m = statistics.median(saves), args.mtbf_hours * 3600
-        tau, overhead = young_daly(c, m)
-        every = _checkpoint_every(run_dir)
-        actual = every * statistics.median(steps) if every else None
-        advice = {"checkpoint_blocking_s": c, "mtbf_s": m, "optimal_interval_s": tau, "optimal_overhead": overhead,
-                  "optimal_every_steps": max(1, round(tau / statistics.median(steps))), "actual_interval_s": actual,
-                  "actual_overhead": c / actual + actual / (2 * m) if actual else None}
+    advice = _interval_advice(events[min(events)], _checkpoint_every(run_dir), args.mtbf_hours * 3600)
     if args.json:
         print(json.dumps({"hosts": {h: b.to_json() for h, b in hosts.items()}, "checkpoint_interval": advice},
                          indent=1))
@@ -61,8 +50,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoint_every(run_dir: Path) -> int | None:
-    path = run_dir / "config.yaml"
-    if not path.exists():
+def _interval_advice(events: list[dict], every: int | None, mtbf_s: float) -> dict | None:
+    """Young/Daly for the median blocking save, and what the run's own interval (`every` x the median step)
+    costs; None without saves or steps."""
+    from keel.goodput.account import checkpoint_overhead, young_daly
+
+    saves = [e["duration_s"] for e in events if e["kind"] == "checkpoint_save"]
+    steps = [e["duration_s"] for e in events if e["kind"] == "step"]
+    if not saves or not steps:
         return None
-    return int((yaml.safe_load(path.read_text()) or {}).get("checkpoint", {}).get("every", 0)) or None
+    c, step = statistics.median(saves), statistics.median(steps)
+    tau, overhead = young_daly(c, mtbf_s)
+    actual = every * step if every else None
+    return {"checkpoint_blocking_s": c, "mtbf_s": mtbf_s, "optimal_interval_s": tau, "optimal_overhead": overhead,
+            "optimal_every_steps": max(1, round(tau / step)), "actual_interval_s": actual,
+            "actual_overhead": checkpoint_overhead(c, actual, mtbf_s) if actual else None}
+
+
+def _checkpoint_every(run_dir: Path) -> int | None:
+    """`checkpoint.every` of the run's saved config, read with the config loader (None without one)."""
+    from keel.config import from_dict
+
+    path = run_dir / "config.yaml"
+    return from_dict(yaml.safe_load(path.read_text())).checkpoint.every if path.exists() else None

@@ -6,6 +6,7 @@ and data fingerprints, so a resume that would silently change the run is refused
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,7 @@ class Checkpointer:
     def save(self, step: int, state: TrainState, meta: dict[str, Any]) -> None:
         """Returns once the state is copied off the device; the write finishes in the background."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state.as_dict()), meta=ocp.args.JsonSave(meta))
-        if self.events is None:
-            self.manager.save(step, args=args)
-            return
-        with self.events.span("checkpoint_save", step=step):
+        with self._span("checkpoint_save", step=step):
             self.manager.save(step, args=args)
 
     def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
@@ -74,11 +72,11 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the last save is written (the `checkpoint_wait` event)."""
-        if self.events is None:
+        with self._span("checkpoint_wait"):
             self.manager.wait_until_finished()
-            return
-        with self.events.span("checkpoint_wait"):
-            self.manager.wait_until_finished()
+
+    def _span(self, kind: str, **fields: Any) -> contextlib.AbstractContextManager:
+        return self.events.span(kind, **fields) if self.events is not None else contextlib.nullcontext()
 
     def close(self) -> None:
         """Wait for any save in flight, then release the manager."""

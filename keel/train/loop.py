@@ -118,19 +118,19 @@ def _attempt(cfg: Config, run_dir: Path, t_start: float, *, log: Callable[[str],
     check_run_dir(cfg, run_dir, allow_config_change)
     host = jax.process_index()
     events = EventLog(run_dir / "events" / f"host{host:04d}.jsonl", host)
-    stopper = Stopper(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
+    plan = StepPlan.from_config(cfg)
+    stopper = Stopper(plan)
     try:
         with stopper, contextlib.ExitStack() as stack:
             _emit_start(events, cfg)
-            trainer = Trainer.build(cfg, run_dir, events, stopper, stack, log=log, progress=progress and host == 0,
-                                    devices=devices)
+            trainer = Trainer.build(cfg, run_dir, plan, events, stopper, stack, log=log,
+                                    progress=progress and host == 0, devices=devices)
             stopper.stop_if_signalled("data preparation")
-            state = restore_or_init(trainer.run, trainer.ckpt, trainer.meta, trainer.plan, events,
-                                    allow_config_change, log)
+            state = restore_or_init(trainer.run, trainer.ckpt, trainer.meta, plan, events, allow_config_change, log)
             start = int(state.step)
-            stopper.stop_if_signalled("initialisation" if trainer.ckpt.latest_step() is None else "restore")
+            stopper.stop_if_signalled("restore" if start else "initialisation")
             trainer.observe(start, stack)
-            state, reason = trainer.loop(state)
+            state, reason = trainer.loop(state, start)
             return trainer.finish(state, reason, start, t_start)
     except Preempted as e:
         events.emit("preempted", signal=stopper.signal, note=str(e))
@@ -184,15 +184,15 @@ class Trainer:
     evaluator: Evaluator | None = None
 
     @classmethod
-    def build(cls, cfg: Config, run_dir: Path, events: EventLog, stopper: Stopper, stack: contextlib.ExitStack, *,
-              log: Callable[[str], None], progress: bool, devices: Sequence[jax.Device] | None) -> Trainer:
-        """Data, plan, run and checkpointer (closed by `stack`, last: whatever happens, the last save is written)."""
+    def build(cls, cfg: Config, run_dir: Path, plan: StepPlan, events: EventLog, stopper: Stopper,
+              stack: contextlib.ExitStack, *, log: Callable[[str], None], progress: bool,
+              devices: Sequence[jax.Device] | None) -> Trainer:
+        """Data, run and checkpointer (closed by `stack`, last: whatever happens, the last save is written)."""
         host = jax.process_index()
         with events.span("data_prepare"):
             data = prepare_data(cfg, run_dir, log=log, progress=progress, host=host)
         if host == 0 and not (run_dir / "tokenizer.json").exists():
             atomic_write(run_dir / "tokenizer.json", data.tokenizer.to_str(pretty=True))
-        plan = StepPlan.from_config(cfg)
         data.check_budget(plan.stop)
         run = build_run(cfg, data.bos_id, data.pad_id, devices, log)
         log(f"model: {transformer.count_params(cfg.model):,} parameters; mesh {dict(run.mesh.shape)} on "
@@ -220,11 +220,11 @@ class Trainer:
             * cfg.data.seq_len
         self.logger = StepLogger(cfg, self.events, metrics, bar, flops, peak * jax.device_count(), self.data.epochs)
 
-    def loop(self, state: TrainState) -> tuple[TrainState, str]:
-        """Train the plan's steps from the state's step; returns the final state and why the loop stopped."""
+    def loop(self, state: TrainState, start: int) -> tuple[TrainState, str]:
+        """Train the plan's steps from `start` (the state's step); returns the final state and why it stopped."""
         run, logger, evaluator, ckpt = self.run, self.logger, self.evaluator, self.ckpt
         host, n_hosts = jax.process_index(), jax.process_count()
-        done = int(state.step)  # the step the state is at, tracked on the host
+        done = start  # the step the state is at, tracked on the host
         steps = self.plan.train_steps(done)
         if steps:
             with logger.paused():

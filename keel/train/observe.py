@@ -27,6 +27,7 @@ from tqdm import tqdm
 from keel.config import Config
 from keel.errors import Preempted
 from keel.train.events import EventLog
+from keel.train.plan import StepPlan
 from keel.train.run import Metrics, Run
 
 
@@ -161,8 +162,8 @@ class Stopper:
     is nothing new to save: `stop_if_signalled` raises `Preempted` at the next phase boundary (after data
     preparation, restore, compilation), where no computation is in flight."""
 
-    def __init__(self, steps: int, stop: int):
-        self.steps, self.stop = steps, stop
+    def __init__(self, plan: StepPlan):
+        self.plan = plan
         self.signal: int | None = None
         self._old: dict[int, Any] = {}
 
@@ -187,6 +188,6 @@ class Stopper:
             raise Preempted(f"signal {self.signal} during {during}: nothing new to save; stopping")
 
     def check(self, step: int) -> str | None:
-        if step >= self.stop:
-            return "done" if step >= self.steps else "stop_at"
+        if step >= self.plan.stop:
+            return "done" if step >= self.plan.steps else "stop_at"
         return "signal" if self.signal is not None else None
