@@ -36,6 +36,7 @@ ComputeDtype = Literal["auto", "float32", "bfloat16"]
 OptimizerName = Literal["adamw", "muon"]
 MuonScaling = Literal["adamw_rms", "shape"]
 MuonStrategy = Literal["layer_sharded", "gathered"]
+SpikePolicy = Literal["off", "warn", "skip_update", "rewind"]
 
 
 def check_registry(registry_name: str, registry: Mapping[str, Any], names: Any) -> None:
@@ -208,6 +209,48 @@ class TrainConfig:
     """Tokens generated greedily from `sample_prompt` at the end of the run (shown in the summary)."""
     sample_prompt: str = "class Foo"
     """Prompt of that sample. No trailing space: byte-level BPE attaches spaces to the following word."""
+    max_restarts: int = 3
+    """`keel train` trains in a child process and restarts it, from the latest good checkpoint, after a crash,
+    a hang or a non-finite loss, at most this many times (docs/goodput.md). 0: train in the `keel train`
+    process itself, without a supervisor."""
+    restart_backoff_s: float = 1.0
+    """Wait before the first restart; each further restart waits twice as long (at most 60 s)."""
+    hang_factor: float = 20.0
+    """Hang watchdog: a hang is no step completing within max(`hang_factor` x the median step time,
+    `hang_floor_s`); keel then writes every thread's stack to the run directory and exits (code 6)."""
+    hang_floor_s: float = 300.0
+    """The watchdog's shortest timeout, in seconds; it also bounds evaluation and checkpoint waits. 0: no
+    watchdog."""
+    compile_cache: str = ""
+    """JAX's persistent compilation cache, so a restart does not recompile: a directory, "" for
+    `run_dir/compile_cache`, or "off". A cache the process already has configured is left as it is."""
+    sdc_every: int = 0
+    """Every this many steps, recompute the step's loss and gradients twice, on the mesh's devices and on a
+    permutation of them, and compare them bitwise: a mismatch is silent data corruption (an `sdc` event, exit
+    7: run `keel burnin`). 0: off."""
+
+
+@dataclass(frozen=True)
+class SpikeConfig:
+    policy: SpikePolicy = "warn"
+    """What a loss spike does: "warn" records a `spike` event; "skip_update" also leaves the step's update
+    unapplied (the step counter moves on); "rewind" restores the checkpoint before the spike, adds the
+    offending steps to the run's skip list (run_dir/skip_decisions.jsonl) and continues; "off": no detector."""
+    window: int = 128
+    """Steps of loss and gradient-norm history the baseline is computed over (their median and MAD)."""
+    threshold: float = 6.0
+    """A spike: the loss or the gradient norm above the window's median by more than this many robust
+    standard deviations (1.4826 x MAD, at least 1 % of the median). A non-finite loss is always one."""
+    min_history: int = 32
+    """Steps of history before the detector judges anything (early training moves too fast for a baseline)."""
+    max_consecutive: int = 8
+    """Under "skip_update": this many spikes in a row stop the run (exit 8): the baseline has moved, or the
+    data is bad over a range; "rewind" is the tool for that."""
+    rewind_skip: int = 1
+    """Under "rewind": steps skipped after the rewind, ending at the spike's step (never before the restored
+    checkpoint)."""
+    max_rewinds: int = 3
+    """Under "rewind": rewinds one process makes before it stops (exit 8)."""
 
 
 @dataclass(frozen=True)
@@ -230,6 +273,7 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
 
 
 # Keys that may differ when a run resumes: they change how the run is observed, not what it computes.
@@ -237,6 +281,8 @@ class Config:
 RESUMABLE_KEYS = frozenset({
     "run_dir", "data.cache_dir", "data.skip_steps", "data.prefetch", "train.log_every", "train.stop_at",
     "train.sample_tokens", "train.sample_prompt", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save",
+    "train.max_restarts", "train.restart_backoff_s", "train.hang_factor", "train.hang_floor_s", "train.compile_cache",
+    "train.sdc_every", "spike.max_consecutive", "spike.max_rewinds",
 })
 
 
@@ -376,7 +422,9 @@ def validate(cfg: Config) -> Config:
         "model.mlp_dim": m.mlp_dim, "model.global_every": m.global_every, "data.seq_len": d.seq_len,
         "train.steps": t.steps, "train.batch_size": t.batch_size, "train.log_every": t.log_every,
         "train.eval_every": t.eval_every, "train.eval_batches": t.eval_batches, "optim.muon_ns_steps": o.muon_ns_steps,
-        "checkpoint.every": c.every, "checkpoint.keep": c.keep,
+        "checkpoint.every": c.every, "checkpoint.keep": c.keep, "spike.window": cfg.spike.window,
+        "spike.threshold": cfg.spike.threshold, "spike.max_consecutive": cfg.spike.max_consecutive,
+        "spike.rewind_skip": cfg.spike.rewind_skip, "train.hang_factor": t.hang_factor,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -389,7 +437,11 @@ def validate(cfg: Config) -> Config:
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")
     for key, value in {"model.sliding_window": m.sliding_window, "train.stop_at": t.stop_at,
-                       "optim.warmup_steps": o.warmup_steps, "train.sample_tokens": t.sample_tokens}.items():
+                       "optim.warmup_steps": o.warmup_steps, "train.sample_tokens": t.sample_tokens,
+                       "train.max_restarts": t.max_restarts, "train.restart_backoff_s": t.restart_backoff_s,
+                       "train.hang_floor_s": t.hang_floor_s, "train.sdc_every": t.sdc_every,
+                       "spike.min_history": cfg.spike.min_history, "spike.max_rewinds": cfg.spike.max_rewinds,
+                       }.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
     for key, value in {"model.final_logit_softcap": m.final_logit_softcap, "optim.lr": o.lr,
@@ -409,6 +461,9 @@ def validate(cfg: Config) -> Config:
             f"(optim.decay_fraction={o.decay_fraction} of train.steps={t.steps}) exceeds train.steps"
         )
     _validate_data(d)
+    if not 3 <= cfg.spike.min_history <= cfg.spike.window:
+        raise ConfigError(f"spike.min_history={cfg.spike.min_history} must be in [3, spike.window="
+                          f"{cfg.spike.window}]")
     if t.stop_at > t.steps:
         raise ConfigError(f"train.stop_at={t.stop_at} must be <= train.steps={t.steps}")
     sizes = {"mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp, "mesh.tensor": cfg.mesh.tensor}

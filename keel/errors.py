@@ -1,7 +1,10 @@
 """Errors a user can act on. Each carries the exit code `keel` ends with; `keel.cli.main` catches them once.
 
-Exit codes (docs/training.md): 0 done, 2 config, 3 checkpoint, 4 data, 143 stopped by a signal (restart the
-job to resume). Anything else is a bug or a crash and keeps its traceback.
+Exit codes (docs/training.md, docs/goodput.md): 0 done, 2 config, 3 checkpoint, 4 data, 5 non-finite loss,
+6 hang, 7 silent data corruption, 8 loss spikes the policy could not absorb, 143 stopped by a signal (restart
+the job to resume). 1 is a crash (a bug or a lost device) and keeps its traceback. `RESTARTABLE` is which of
+them a restart from the last checkpoint can cure: the supervisor (keel/train/supervise.py) and a cluster's
+restart policy act on it.
 """
 
 from __future__ import annotations
@@ -10,7 +13,27 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_CHECKPOINT = 3
 EXIT_DATA = 4
+EXIT_NON_FINITE = 5
+EXIT_HANG = 6
+EXIT_SDC = 7
+EXIT_SPIKES = 8
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the launcher should restart the job, which then resumes
+
+# Exit codes worth a restart from the latest checkpoint: a crash (1), a non-finite loss (5, the state before it
+# is intact and the hardware may have been at fault), a hang (6); and death by a signal other than SIGTERM/SIGINT
+# (SIGKILL, the OOM killer, SIGSEGV: a negative return code in Python, 128 + N in a shell). Not: a config, data
+# or checkpoint error (a person must act), SDC (burn the node in first), spikes that persist (deterministic),
+# a signal (the launcher's preemption: it restarts the job itself).
+RESTARTABLE = frozenset({1, EXIT_NON_FINITE, EXIT_HANG})
+
+
+def restartable(returncode: int) -> bool:
+    """Whether a training process that ended with `returncode` (as subprocess reports it) should be restarted."""
+    if returncode < 0:
+        return -returncode not in (2, 15)  # SIGINT, SIGTERM: a person or the launcher stopped it
+    if returncode > 128:
+        return returncode - 128 not in (2, 15)
+    return returncode in RESTARTABLE
 
 
 class KeelError(Exception):
@@ -47,3 +70,31 @@ class Preempted(KeelError):
 
     exit_code = EXIT_PREEMPTED
     kind = "preempted"
+
+
+class NonFiniteLoss(KeelError, FloatingPointError):
+    """A non-finite loss or gradient norm; the state of the last checkpoint is intact."""
+
+    exit_code = EXIT_NON_FINITE
+    kind = "non-finite loss"
+
+
+class Hang(KeelError):
+    """No step completed within the watchdog's timeout; every thread's stack is in the run directory."""
+
+    exit_code = EXIT_HANG
+    kind = "hang"
+
+
+class SilentDataCorruption(KeelError):
+    """The same step computed twice gave different bits: a device computes wrong; run `keel burnin`."""
+
+    exit_code = EXIT_SDC
+    kind = "silent data corruption"
+
+
+class LossSpikes(KeelError):
+    """Loss spikes the spike policy could not absorb (too many in a row, or too many rewinds)."""
+
+    exit_code = EXIT_SPIKES
+    kind = "loss spikes"
