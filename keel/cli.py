@@ -22,10 +22,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config or ["tiny"], args.overrides)
     if args.dry_run:
         return dry_run(cfg)
-    from keel.parallel.distributed import DistributedArgs, initialize
+    from keel.parallel.distributed import DistributedArgs, from_environment, initialize
+
+    dist = DistributedArgs.from_namespace(args)
+    if not args.supervised and cfg.train.max_restarts > 0 and not from_environment(dist).given:
+        from pathlib import Path
+
+        from keel.train.supervise import supervise  # no JAX in the supervising process
+
+        return supervise(args.argv, Path(cfg.run_dir), cfg.train.max_restarts, cfg.train.restart_backoff_s)
     from keel.train.loop import train  # jax and friends load only once the config is known to be good
 
-    initialize(DistributedArgs.from_namespace(args))
+    initialize(dist)
     summary = train(cfg, progress=not args.no_progress, allow_config_change=args.allow_config_change)
     import jax
 
@@ -87,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--allow-config-change", action="store_true",
                    help="resume a run directory although its saved config differs")
+    t.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)  # the supervisor's child
     from keel.data import commands as data_commands
     from keel.diag import commands as diag_commands
     from keel.parallel.distributed import add_distributed_args
@@ -101,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]  # the command's own arguments, as given (the supervisor passes them on to its child)
     try:
         return COMMANDS[args.command](args)
     except KeelError as e:

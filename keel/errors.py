@@ -79,13 +79,6 @@ class NonFiniteLoss(KeelError, FloatingPointError):
     kind = "non-finite loss"
 
 
-class Hang(KeelError):
-    """No step completed within the watchdog's timeout; every thread's stack is in the run directory."""
-
-    exit_code = EXIT_HANG
-    kind = "hang"
-
-
 class SilentDataCorruption(KeelError):
     """The same step computed twice gave different bits: a device computes wrong; run `keel burnin`."""
 

@@ -51,6 +51,7 @@ TINY = [
     "model.head_dim=8", "model.mlp_dim=64", "data.seq_len=32", "data.heldout_fraction=0.1",
     "train.batch_size=8", "train.steps=6", "train.log_every=1", "train.eval_every=3", "train.eval_batches=2",
     "train.sample_tokens=8", "optim.warmup_steps=2", "optim.decay_fraction=0.5", "checkpoint.every=2",
+    "train.max_restarts=0",  # in the test process, not in a supervised child (tests/test_recovery.py has those)
 ]
 
 

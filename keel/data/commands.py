@@ -74,7 +74,7 @@ def _source(args: argparse.Namespace, quiet: bool):
 def _inspect(args: argparse.Namespace) -> int:
     from keel.data.inspect import inspect_batch
     from keel.errors import ConfigError
-    from keel.train.plan import SkipList
+    from keel.train.plan import SkipList, read_decisions, run_skip_list
 
     cfg, data = _source(args, args.json)
     step = args.step or 0
@@ -82,12 +82,14 @@ def _inspect(args: argparse.Namespace) -> int:
         raise ConfigError(f"--host {args.host} of --hosts {args.hosts}: need 0 <= host < hosts and hosts dividing "
                           f"train.batch_size={cfg.train.batch_size}")
     rows = inspect_batch(data, step, args.host, args.hosts, args.chars)
-    skipped = step in SkipList(cfg.data.skip_steps)
+    skipped = step in run_skip_list(cfg)
+    why = next((f"skipped by the run ({d['reason']} at step {d.get('spike_step', '?')})"
+                for d in read_decisions(cfg.run_dir) if step in SkipList([d["steps"]])), "in data.skip_steps")
     if args.json:
         print(json.dumps({"step": step, "host": args.host, "hosts": args.hosts, "skipped": skipped,
-                          "rows": rows}, indent=1))
+                          "skip_reason": why if skipped else None, "rows": rows}, indent=1))
         return 0
-    print(f"step {step}" + (" (in data.skip_steps: not trained on)" if skipped else "")
+    print(f"step {step}" + (f" ({why}: not trained on)" if skipped else "")
           + f", rows {rows[0]['row']}..{rows[-1]['row']} of {cfg.train.batch_size}, seq_len {cfg.data.seq_len}")
     print(f"{'row':>4}  {'source':<12} {'sequence':>10} {'epoch':>5}  {'documents (id:start-end)':<28}  text")
     for r in rows:
@@ -101,12 +103,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     from keel.data.inspect import source_stats
-    from keel.train.plan import SkipList
+    from keel.train.plan import run_skip_list
 
     cfg, data = _source(args, args.json)
     step = cfg.train.steps if args.step is None else args.step
     rows = source_stats(data, step)
-    skipped = SkipList(cfg.data.skip_steps).count(0, step)
+    skipped = run_skip_list(cfg).count(0, step)
     if args.json:
         print(json.dumps({"step": step, "skipped_steps": skipped, "sources": rows}, indent=1))
         return 0

@@ -34,6 +34,11 @@ class DistributedArgs:
     process_id: int | None = None
     auto: bool = False
 
+    @property
+    def given(self) -> bool:
+        """Whether a multi-process job is described (then `initialize` joins it)."""
+        return self.auto or any(v is not None for v in (self.coordinator, self.num_processes, self.process_id))
+
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> DistributedArgs:
         """The flags of `add_distributed_args` as parsed."""
@@ -65,10 +70,9 @@ def initialize(args: DistributedArgs) -> bool:
     import jax
 
     args = from_environment(args)
-    given = [args.coordinator, args.num_processes, args.process_id]
-    if not args.auto and all(v is None for v in given):
+    if not args.given:
         return False
-    if not args.auto and any(v is None for v in given):
+    if not args.auto and any(v is None for v in (args.coordinator, args.num_processes, args.process_id)):
         raise ConfigError(
             "multi-host needs all of --coordinator/JAX_COORDINATOR_ADDRESS, --num-processes/JAX_NUM_PROCESSES "
             f"and --process-id/JAX_PROCESS_ID; got {args}"

@@ -7,8 +7,10 @@ failure, end); goodput is computed from these files, never estimated.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,17 +23,20 @@ class EventLog:
     stamped on each of its lines; `previous` is how the attempt before it ended, read from the file's last
     line (None for a first attempt), so a restart is recorded as such and never inferred from repeated steps."""
 
-    def __init__(self, path: Path, host: int = 0):
+    def __init__(self, path: Path, host: int = 0, attempt: int | None = None):
+        """`attempt`: write under this attempt number instead of starting a new attempt (the supervisor's
+        record of how its child ended)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.host = host
         self.previous = last_event(path)
-        self.attempt = int((self.previous or {}).get("attempt", 0)) + 1
+        self.attempt = attempt if attempt is not None else int((self.previous or {}).get("attempt", 0)) + 1
         # Held open for the run, line-buffered: a crash loses at most the line being written; a line a crash cut
         # is ended first, so that it does not swallow this attempt's first event.
         self._f = open(path, "a", buffering=1)  # noqa: SIM115
         if self._f.tell() and not _ends_with_newline(path):
             self._f.write("\n")
+        self._lock = threading.Lock()  # the hang watchdog writes from its own thread
         self._base = {"host": host, "pid": os.getpid(), "hostname": socket.gethostname(), "attempt": self.attempt}
 
     def previous_ending(self) -> str:
@@ -45,11 +50,18 @@ class EventLog:
             return "signal"
         if kind == "failure":
             return str(last.get("reason", "crash"))
+        if kind == "rewind":
+            return "rewind"
+        if kind == "child_exit":  # the supervisor's record of how its child ended (keel/train/supervise.py)
+            return str(last.get("ending", "killed"))
         return "killed"
 
     def emit(self, kind: str, **fields: Any) -> None:
         rec = {"kind": kind, "t_wall": time.time(), "t_mono": time.monotonic(), **self._base, **fields}
-        self._f.write(json.dumps(rec, default=str) + "\n")
+        line = json.dumps(rec, default=str) + "\n"
+        with self._lock:
+            if not self._f.closed:
+                self._f.write(line)
 
     @contextmanager
     def span(self, kind: str, **fields: Any) -> Iterator[dict[str, Any]]:
@@ -62,7 +74,13 @@ class EventLog:
             self.emit(kind, duration_s=time.monotonic() - t0, **fields, **extra)
 
     def close(self) -> None:
-        self._f.close()
+        with self._lock:
+            self._f.close()
+
+
+def json_number(x: float) -> float | str:
+    """Strict JSON has no NaN or infinity: those become their names ("nan", "inf")."""
+    return x if math.isfinite(x) else str(x)
 
 
 def _ends_with_newline(path: Path) -> bool:

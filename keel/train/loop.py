@@ -10,7 +10,9 @@
     trainer.finish(state, reason)                      # no eval or sample after a signal
 
 Each observer decides its own cadence (keel/train/observe.py). Resuming a run directory continues the same run,
-bitwise on CPU.
+bitwise on CPU. A loss spike under `spike.policy=rewind` ends the attempt (keel/train/spikes.py) and `train`
+starts the next one in the same process, from the checkpoint before the spike. Restarts after a crash or a hang
+are the supervisor's (keel/train/supervise.py); the hang watchdog (keel/train/watchdog.py) watches the loop.
 """
 from __future__ import annotations
 
@@ -29,18 +31,32 @@ from keel.config import Config, fingerprint
 from keel.data.inspect import unigram_entropy
 from keel.data.loader import DataSource, Prefetcher
 from keel.data.prepare import prepare_data
-from keel.errors import EXIT_OK, EXIT_PREEMPTED, CheckpointError, ConfigError, DataError, Preempted
+from keel.errors import (
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    LossSpikes,
+    NonFiniteLoss,
+    Preempted,
+    SilentDataCorruption,
+)
 from keel.io import atomic_write, exclusive
 from keel.model import transformer
 from keel.model.sampling import greedy_sample
 from keel.train.checkpoint import Checkpointer
 from keel.train.events import EventLog
+from keel.train.faults import Faults
 from keel.train.mfu import peak_flops_per_device
 from keel.train.observe import Evaluator, StepLogger, Stopper, metrics_writer
-from keel.train.plan import StepPlan
+from keel.train.plan import StepPlan, read_decisions
 from keel.train.resume import check_run_dir, checkpoint_meta, restore_or_init
 from keel.train.run import Run, build_run
+from keel.train.sdc import SDCCheck
+from keel.train.spikes import Rewind, SpikeWatch, rewind
 from keel.train.state import TrainState
+from keel.train.watchdog import Watchdog
 
 STOP_REASONS = {"done": "", "stop_at": "train.stop_at", "signal": "a signal: no final evaluation or sample"}
 
@@ -108,8 +124,30 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = T
     run_dir = Path(cfg.run_dir).resolve()
     host = jax.process_index()
     with exclusive(run_dir / f".lock-host{host:04d}", f"run directory {run_dir} (host {host})"):
-        return _attempt(cfg, run_dir, t_start, log=log, progress=progress, allow_config_change=allow_config_change,
-                        devices=devices)
+        use_compile_cache(cfg, run_dir, log)
+        rewinds = 0
+        while True:
+            try:
+                return _attempt(cfg, run_dir, t_start, log=log, progress=progress,
+                                allow_config_change=allow_config_change, devices=devices)
+            except Rewind as r:
+                rewinds += 1
+                if rewinds > cfg.spike.max_rewinds:
+                    raise LossSpikes(f"loss spike at step {r.spike_step} after {cfg.spike.max_rewinds} rewinds "
+                                     f"(spike.max_rewinds); the skip decisions are in {run_dir}/skip_decisions"
+                                     f".jsonl and a resume continues from them") from None
+
+
+def use_compile_cache(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> None:
+    """Turn on JAX's persistent compilation cache (`train.compile_cache`) so that a restart loads the compiled
+    step instead of compiling it again; a cache this process already has configured is left as it is."""
+    where = cfg.train.compile_cache
+    if where == "off" or (not where and jax.config.jax_compilation_cache_dir):
+        return
+    path = Path(where) if where else run_dir / "compile_cache"
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _attempt(cfg: Config, run_dir: Path, t_start: float, *, log: Callable[[str], None], progress: bool,
@@ -130,8 +168,14 @@ def _attempt(cfg: Config, run_dir: Path, t_start: float, *, log: Callable[[str],
             start = int(state.step)
             stopper.stop_if_signalled("restore" if start else "initialisation")
             trainer.observe(start, stack)
-            state, reason = trainer.loop(state, start)
+            try:
+                state, reason = trainer.loop(state, start)
+            except Rewind as r:
+                trainer.rewind(r)
+                raise
             return trainer.finish(state, reason, start, t_start)
+    except Rewind:
+        raise  # not a failure: `train` starts the next attempt
     except Preempted as e:
         events.emit("preempted", signal=stopper.signal, note=str(e))
         raise
@@ -156,7 +200,8 @@ def _emit_start(events: EventLog, cfg: Config) -> None:
 
 FAILURE_REASONS: dict[type[BaseException], str] = {
     FloatingPointError: "non_finite_loss", DataError: "data_error", ConfigError: "config_error",
-    CheckpointError: "checkpoint_error", KeyboardInterrupt: "signal",
+    CheckpointError: "checkpoint_error", KeyboardInterrupt: "signal", SilentDataCorruption: "sdc",
+    LossSpikes: "spike",
 }
 
 
@@ -178,6 +223,8 @@ class Trainer:
     meta: dict
     events: EventLog
     stopper: Stopper
+    faults: Faults
+    sdc: SDCCheck
     log: Callable[[str], None]
     progress: bool
     logger: StepLogger | None = None
@@ -204,7 +251,9 @@ class Trainer:
         ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save,
                             cfg.checkpoint.every, events)
         stack.callback(ckpt.close)
-        return cls(cfg, run_dir, data, plan, run, ckpt, meta, events, stopper, log, progress)
+        faults = Faults.from_env(run_dir)
+        sdc = SDCCheck(run, cfg.train.sdc_every, events, faults)
+        return cls(cfg, run_dir, data, plan, run, ckpt, meta, events, stopper, faults, sdc, log, progress)
 
     def observe(self, start: int, stack: contextlib.ExitStack) -> None:
         """metrics.jsonl, the progress bar, the step logger and the evaluator, from step `start` on."""
@@ -218,16 +267,23 @@ class Trainer:
         self.log(f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
         flops = transformer.model_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.batch_size \
             * cfg.data.seq_len
-        self.logger = StepLogger(cfg, self.events, metrics, bar, flops, peak * jax.device_count(), self.data.epochs)
+        self.logger = StepLogger(cfg, self.events, metrics, bar, flops, peak * jax.device_count(), self.data.epochs,
+                                 SpikeWatch(cfg.spike, self.events, bar.write if host == 0 else lambda line: None))
 
     def loop(self, state: TrainState, start: int) -> tuple[TrainState, str]:
         """Train the plan's steps from `start` (the state's step); returns the final state and why it stopped."""
+        cfg = self.cfg
+        with Watchdog(self.events, self.run_dir, cfg.train.hang_factor, cfg.train.hang_floor_s) as dog:
+            self.logger.beat = dog.beat
+            return self._loop(state, start, dog)
+
+    def _loop(self, state: TrainState, start: int, dog: Watchdog) -> tuple[TrainState, str]:
         run, logger, evaluator, ckpt = self.run, self.logger, self.evaluator, self.ckpt
         host, n_hosts = jax.process_index(), jax.process_count()
         done = start  # the step the state is at, tracked on the host
         steps = self.plan.train_steps(done)
         if steps:
-            with logger.paused():
+            with logger.paused(), dog.suspend():
                 seconds = run.compile(state, self.data.host_batch(steps[0], host, n_hosts), self.events)
             self.log(f"compiled the train step in {seconds:.1f}s")
         if len(steps) < self.plan.stop - done:
@@ -241,6 +297,12 @@ class Trainer:
                 if step != done:
                     logger.on_skip(done, step)
                     state = run.set_step(state, step)
+                if self.faults.planned:
+                    batch = self.faults.before_step(step, batch, self.cfg.model.vocab_size)
+                if self.sdc.due(step):
+                    with logger.paused():
+                        self.sdc.check(step, state.params, batch)
+                    dog.touch()
                 state, metrics = run.step(state, batch)
                 done = step + 1
                 logger.on_step(done, metrics, prefetch.last_wait_s)
@@ -250,11 +312,12 @@ class Trainer:
                         ckpt.maybe_save(done, state, self.meta, force=reason is not None)
                         if reason != "signal":
                             evaluator.maybe(done, state.params)  # while the checkpoint is written
+                    dog.touch()
                 if reason:
                     break
-        except FloatingPointError as e:
+        except NonFiniteLoss as e:
             prefetch.close()
-            raise FloatingPointError(f"{e}; last checkpoint: {ckpt.latest_step()}") from None
+            raise NonFiniteLoss(f"{e}; last checkpoint: {ckpt.latest_step()}") from None
         except BaseException:
             prefetch.close()
             with contextlib.suppress(Exception):  # the pending step's record if it can be read: the error wins
@@ -263,6 +326,18 @@ class Trainer:
         prefetch.close()
         logger.close()
         return self._end(state, done, reason)
+
+    def rewind(self, spike: Rewind) -> None:
+        """After a spike under `spike.policy=rewind`: record the decision and set aside the checkpoints that hold
+        the spike's update (process 0; the others wait for it), so the next attempt restores the one before."""
+        self.ckpt.wait()
+        to_step = rewind(self.run_dir, spike, self.cfg.spike, self.ckpt.all_steps(), self.ckpt.set_aside,
+                         self.events, act=jax.process_index() == 0)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("keel rewind")
+        self.log(f"rewinding to step {to_step}; steps {read_decisions(self.run_dir)[-1]['steps']} will be skipped")
 
     def _end(self, state: TrainState, done: int, reason: str | None) -> tuple[TrainState, str]:
         """The final checkpoint is written before anything else happens (summary, sample)."""

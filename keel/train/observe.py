@@ -25,10 +25,11 @@ import jax
 from tqdm import tqdm
 
 from keel.config import Config
-from keel.errors import Preempted
-from keel.train.events import EventLog
+from keel.errors import NonFiniteLoss, Preempted
+from keel.train.events import EventLog, json_number
 from keel.train.plan import StepPlan
 from keel.train.run import Metrics, Run
+from keel.train.spikes import SpikeWatch
 
 
 def metrics_writer(run_dir: Path, host: int) -> TextIO:
@@ -47,8 +48,10 @@ class StepLogger:
     """Per-step events, metrics.jsonl every `train.log_every` steps, and the progress bar; one step late."""
 
     def __init__(self, cfg: Config, events: EventLog, metrics: TextIO, bar: tqdm, flops_per_step: float,
-                 peak_flops: float, epochs: Callable[[int], dict[str, float]]):
+                 peak_flops: float, epochs: Callable[[int], dict[str, float]], spikes: SpikeWatch,
+                 beat: Callable[[int, float], None] = lambda step, seconds: None):
         self.cfg, self.events, self.metrics, self.bar = cfg, events, metrics, bar
+        self.spikes, self.beat = spikes, beat
         self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
         self.epochs = epochs
@@ -86,13 +89,15 @@ class StepLogger:
         m = jax.device_get(p.metrics)  # blocks until step p.step is done; the next one is already queued
         now = time.perf_counter()
         dt, self._clock = now - self._clock, now
+        self.beat(p.step, dt)
         loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise FloatingPointError(f"loss {loss}, gradient norm {grad_norm} at step {p.step - 1}")
-        self.last_loss = loss
         # step_start_time: ml-goodput-measurement's key, the wall time at which this step began
-        self.events.emit("step", step=p.step, duration_s=dt, data_wait_s=p.data_wait_s, loss=loss,
+        self.events.emit("step", step=p.step, duration_s=dt, data_wait_s=p.data_wait_s, loss=json_number(loss),
                          step_start_time=time.time() - dt)
+        skipped = self.spikes.on_metrics(p.step, m)  # may raise: a rewind, or spikes the policy cannot absorb
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)) and not skipped:
+            raise NonFiniteLoss(f"loss {loss}, gradient norm {grad_norm} at step {p.step - 1}")
+        self.last_loss = loss
         self.bar.update(1)
         if p.step % self.cfg.train.log_every and not always:
             return
@@ -102,6 +107,8 @@ class StepLogger:
         rec = {"step": p.step, "loss": loss, "grad_norm": grad_norm, "lr": float(m["lr"]),
                "tokens_per_s": tps, "mfu": mfu, "step_s": dt, "data_wait_s": p.data_wait_s,
                "epochs": self.epochs(p.step), "tokens": p.step * self.tokens_per_step}
+        if skipped:
+            rec["update_skipped"] = True  # a loss spike under spike.policy=skip_update
         self.metrics.write(json.dumps(rec) + "\n")
 
 

@@ -2,13 +2,21 @@
 
 The data order never sees the skip list: a skipped step's batch is simply not trained on, and every other
 step's batch is unchanged. Skipped steps get no update; the step counter (and so the schedule) moves past them.
+
+The skip list is the config's `data.skip_steps` plus the run's own decisions (a loss-spike rewind's skipped
+steps), persisted in `run_dir/skip_decisions.jsonl` before the rewind acts: a resumed or replayed run reads
+them back and makes the same choices, and `keel data inspect` shows them.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from keel.config import Config
@@ -63,7 +71,8 @@ class StepPlan:
 
     @classmethod
     def from_config(cls, cfg: Config) -> StepPlan:
-        return cls(cfg.train.steps, cfg.train.stop_at or cfg.train.steps, SkipList(cfg.data.skip_steps))
+        """The config's steps and skip list, with the decisions recorded in its run directory."""
+        return cls(cfg.train.steps, cfg.train.stop_at or cfg.train.steps, run_skip_list(cfg))
 
     def train_steps(self, start: int) -> list[int]:
         return [s for s in range(start, self.stop) if s not in self.skip]
@@ -76,3 +85,31 @@ class StepPlan:
         if saved == now:
             return []
         return [f"data.skip_steps before step {step}: {saved} -> {now} (steps already trained)"]
+
+
+DECISIONS = "skip_decisions.jsonl"
+
+
+def read_decisions(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The skip decisions a run made (each {"steps": "A-B", "reason", ...}), oldest first."""
+    path = Path(run_dir) / DECISIONS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def record_decision(run_dir: str | Path, steps: str, reason: str, **fields: Any) -> dict[str, Any]:
+    """Append a decision to skip `steps` ("A-B") to the run directory (flushed and synced before it acts)."""
+    SkipList([steps])  # raises on a malformed range before anything is written
+    rec = {"steps": steps, "reason": reason, "t_wall": time.time(), **fields}
+    path = Path(run_dir) / DECISIONS
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return rec
+
+
+def run_skip_list(cfg: Config) -> SkipList:
+    """`data.skip_steps` plus the decisions recorded in `cfg.run_dir`."""
+    return SkipList([*cfg.data.skip_steps, *(d["steps"] for d in read_decisions(cfg.run_dir))])

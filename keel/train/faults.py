@@ -1,0 +1,64 @@
+"""Fault injection into a real training process, for the recovery tests and `benchmarks/faults.py`.
+
+`KEEL_INJECT="hang@40,spike@60,sdc@80"` (comma-separated kind@step, step 0-based as in `data.skip_steps`):
+
+- `hang@N`: the loop stops before step N as if a collective never returned (the hang watchdog must act);
+- `spike@N`: step N trains on a batch of nothing but the vocabulary's last (rarest) token (bad data: a loss
+  spike);
+- `sdc@N`: the silent-data-corruption check at step N sees one flipped bit in a parameter on the permuted mesh
+  (a device that computes wrong: `train.sdc_every` must divide N).
+
+Each fault fires once per run directory (recorded in `run_dir/injected_faults.jsonl` before it acts), so the
+restarted process does not meet it again. Without the variable nothing here changes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+KINDS = ("hang", "spike", "sdc")
+
+
+class Faults:
+    def __init__(self, spec: str, run_dir: Path):
+        self.run_dir = run_dir
+        self.planned: dict[tuple[str, int], bool] = {}
+        for item in filter(None, (x.strip() for x in spec.split(","))):
+            kind, _, step = item.partition("@")
+            if kind not in KINDS or not step.isdigit():
+                raise ValueError(f"KEEL_INJECT item {item!r}: expected kind@step with kind in {KINDS}")
+            self.planned[(kind, int(step))] = True
+        done = run_dir / "injected_faults.jsonl"
+        if done.exists():
+            for line in done.read_text().splitlines():
+                rec = json.loads(line)
+                self.planned.pop((rec["kind"], rec["step"]), None)
+
+    @classmethod
+    def from_env(cls, run_dir: Path) -> Faults:
+        return cls(os.environ.get("KEEL_INJECT", ""), run_dir)
+
+    def fire(self, kind: str, step: int) -> bool:
+        """Whether fault `kind` is due at `step` (recorded as fired before it acts)."""
+        if not self.planned.pop((kind, step), False):
+            return False
+        with open(self.run_dir / "injected_faults.jsonl", "a") as f:
+            f.write(json.dumps({"kind": kind, "step": step, "t_wall": time.time(), "pid": os.getpid()}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def before_step(self, step: int, batch: dict[str, np.ndarray], vocab_size: int) -> dict[str, Any]:
+        """Hang, or spoil the batch, if due at `step`; else the batch unchanged."""
+        if self.fire("hang", step):
+            while True:  # as stuck as a collective that never returns (only the watchdog or a kill ends it)
+                time.sleep(3600)
+        if self.fire("spike", step):  # the vocabulary's last (rarest) token, over and over
+            return {**batch, "tokens": np.full_like(batch["tokens"], vocab_size - 1)}
+        return batch

@@ -1,0 +1,107 @@
+"""The supervisor: `keel train` runs the training in a child process and restarts it when a restart can help.
+
+    keel train ...                      # this process: supervise (no JAX imported here)
+      └─ python -m keel train --supervised ...   # the child: one attempt, resumes from the latest checkpoint
+
+The child's exit code says what happened (keel/errors.py): a crash (1), a non-finite loss (5), a hang (6) or
+death by a signal other than SIGTERM/SIGINT (SIGKILL, the OOM killer, SIGSEGV) is restarted from the latest good
+checkpoint, at most `train.max_restarts` times, after `train.restart_backoff_s` seconds doubled on each restart
+(at most 60 s). Everything else ends the job with the child's code: done (0), a config, data or checkpoint error
+a person must fix (2, 3, 4), silent data corruption (7: burn the node in first), persistent loss spikes (8), and
+a preemption (143). SIGTERM or SIGINT to the supervisor is forwarded to the child (checkpoint, exit 143, no
+restart). The child runs in its own session, so a terminal's Ctrl-C reaches it once, through the supervisor.
+
+After each child the supervisor appends a `child_exit` event (under the child's attempt number) to the host's
+event file: the exit code, how the attempt ended, and the backoff that follows, for `keel goodput`.
+
+Multi-process runs are not supervised here: a restart must restart every host together, which is the cluster's
+job (docs/goodput.md shows the JobSet policy that acts on the same exit codes).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from keel.errors import EXIT_PREEMPTED, restartable
+from keel.train.events import EventLog, last_event
+
+MAX_BACKOFF_S = 60.0
+EXIT_NAMES = {0: "done", 1: "a crash", 2: "a config error", 3: "a checkpoint error", 4: "a data error",
+              5: "a non-finite loss", 6: "a hang", 7: "silent data corruption", 8: "loss spikes",
+              EXIT_PREEMPTED: "a preemption signal"}
+
+
+def describe(returncode: int) -> str:
+    """`returncode` in words: 'exit 6 (a hang)', 'signal 9 (SIGKILL)'."""
+    if returncode < 0:
+        return f"signal {-returncode} ({signal.Signals(-returncode).name})"
+    return f"exit {returncode}" + (f" ({EXIT_NAMES[returncode]})" if returncode in EXIT_NAMES else "")
+
+
+def shell_code(returncode: int) -> int:
+    """A subprocess return code as a process exit code (death by signal N: 128 + N, as a shell reports it)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def supervise(argv: Sequence[str], run_dir: Path, max_restarts: int, backoff_s: float,
+              log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+              command: Sequence[str] | None = None) -> int:
+    """Run `keel train --supervised argv` until it ends for good; returns the exit code for the job.
+    `command`: the child's command line instead (tests)."""
+    cmd = list(command) if command is not None else [sys.executable, "-m", "keel", "train", "--supervised", *argv]
+    state: dict[str, Any] = {"child": None, "signal": None}
+
+    def forward(signum: int, frame: object) -> None:
+        state["signal"] = signum
+        child = state["child"]
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        restarts = 0
+        while True:
+            state["child"] = child = subprocess.Popen(cmd, start_new_session=True)
+            rc = child.wait()
+            if rc == 0 or state["signal"] is not None:
+                return shell_code(rc)
+            again = restartable(rc) and restarts < max_restarts
+            wait = min(backoff_s * 2 ** restarts, MAX_BACKOFF_S) if again else None
+            _record(run_dir, rc, again, wait, restarts)
+            if not again:
+                if restartable(rc):
+                    log(f"keel: the training process ended with {describe(rc)}; no restarts left "
+                        f"(train.max_restarts={max_restarts})")
+                return shell_code(rc)
+            restarts += 1
+            log(f"keel: the training process ended with {describe(rc)}; restart {restarts} of {max_restarts} "
+                f"from the latest checkpoint in {wait:g} s")
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and state["signal"] is None:
+                time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+            if state["signal"] is not None:
+                return EXIT_PREEMPTED
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _record(run_dir: Path, rc: int, again: bool, backoff_s: float | None, restarts: int) -> None:
+    """The `child_exit` event, under the ended child's attempt number (host 0: supervised runs are single-process)."""
+    path = run_dir / "events" / "host0000.jsonl"
+    previous = last_event(path)
+    if previous is None:  # the child died before its first event
+        return
+    events = EventLog(path, 0, attempt=int(previous.get("attempt", 1)))
+    try:
+        events.emit("child_exit", returncode=rc, ending=events.previous_ending(), restartable=again,
+                    backoff_s=backoff_s, restarts=restarts, supervisor_pid=os.getpid())
+    finally:
+        events.close()

@@ -1,0 +1,233 @@
+"""Recovery without a person: the spike detector and its policies, the hang watchdog, the supervisor, the
+silent-data-corruption check, and the compilation cache — each on the real `keel train` entry point."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from keel.cli import main
+from keel.config import SpikeConfig, load_config
+from keel.errors import EXIT_HANG, EXIT_SDC, EXIT_SPIKES, restartable
+from keel.train.checkpoint import load_params
+from keel.train.events import read_events
+from keel.train.plan import read_decisions
+from keel.train.spikes import detect, init_monitor
+from keel.train.supervise import supervise
+
+
+def _run_dir(args):
+    return Path(next(a.split("=", 1)[1] for a in args if a.startswith("run_dir=")))
+
+
+def _with_run_dir(args, path):
+    return [a for a in args if not a.startswith("run_dir=")] + [f"run_dir={path}"]
+
+
+def _train(args, *extra):
+    return main(["train", "--no-progress", *args, *extra])
+
+
+def _events(run):
+    return read_events(run / "events" / "host0000.jsonl")
+
+
+def _cli(args, *extra, env=None, timeout=240):
+    """The real console entry point in a fresh process (no test session state: its own compilation cache)."""
+    return subprocess.run([sys.executable, "-m", "keel", "train", "--no-progress", *args, *extra],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+# ------------------------------------------------------------------------------------------- spike detector
+
+
+def _reference(history, loss, norm, cfg):
+    """The detector's rule in numpy: median + threshold x max(1.4826 MAD, 1 % of the median), after
+    min_history accepted steps; a non-finite value is always a spike."""
+    if not (np.isfinite(loss) and np.isfinite(norm)):
+        return True
+    if len(history) < cfg.min_history:
+        return False
+    recent = np.array(history[-cfg.window:], dtype=np.float32)
+    for col, x in ((recent[:, 0], loss), (recent[:, 1], norm)):
+        med = np.median(col)
+        sigma = 1.4826 * np.median(np.abs(col - med))
+        if x - med > cfg.threshold * max(sigma, 0.01 * abs(med)):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_spike_detector_matches_its_rule_on_random_streams(seed):
+    rng = np.random.default_rng(seed)
+    cfg = SpikeConfig(policy="warn", window=int(rng.integers(8, 40)), threshold=float(rng.uniform(2, 8)),
+                      min_history=int(rng.integers(3, 8)))
+    step = jax.jit(lambda m, loss, norm: detect(m, loss, norm, cfg))
+    monitor, history, streak, flagged = init_monitor(cfg), [], 0, 0
+    for i in range(120):
+        loss = np.float32(3.0 - 0.01 * i + rng.normal(0, 0.05))
+        norm = np.float32(abs(rng.normal(1.0, 0.1)))
+        r = rng.random()
+        if r < 0.06:
+            loss = np.float32(loss + rng.uniform(0.1, 3.0))  # spikes of every size, some below the threshold
+        elif r < 0.09:
+            norm = np.float32(norm * rng.uniform(1.5, 30))
+        elif r < 0.1:
+            loss = np.float32(np.nan)
+        expect = _reference(history, loss, norm, cfg)
+        spike, monitor, metrics = step(monitor, jnp.float32(loss), jnp.float32(norm))
+        assert bool(spike) == expect, (i, loss, norm)
+        streak = streak + 1 if expect else 0
+        assert int(metrics["spike_streak"]) == streak
+        if not expect:
+            history.append((loss, norm))  # a spike stays out of the baseline
+        flagged += expect
+    assert int(monitor["count"]) == len(history) and flagged >= 3
+
+
+def test_spike_policy_off_never_flags():
+    cfg = SpikeConfig(policy="off", window=8, min_history=3)
+    monitor = init_monitor(cfg)
+    for x in (1.0, 1.0, 1.0, 1.0, 50.0, float("nan")):
+        spike, monitor, _ = detect(monitor, jnp.float32(x), jnp.float32(1.0), cfg)
+        assert not bool(spike)
+
+
+SPIKY = ["spike.window=16", "spike.min_history=4", "spike.threshold=6", "train.steps=12", "checkpoint.every=4",
+         "train.eval_every=12", "optim.warmup_steps=2"]
+
+
+def test_skip_update_leaves_the_spiking_step_without_an_update(tiny_args, monkeypatch):
+    """A batch of random tokens at step 6 spikes the loss: under skip_update the parameters after step 6 are
+    those after step 5 (bitwise), the step is marked, and the run goes on."""
+    monkeypatch.setenv("KEEL_INJECT", "spike@6")
+    assert _train(tiny_args, *SPIKY, "spike.policy=skip_update", "train.stop_at=7", "checkpoint.every=6") == 0
+    run = _run_dir(tiny_args)
+    cfg = load_config("tiny", [*tiny_args, *SPIKY])
+    spikes = [e for e in _events(run) if e["kind"] == "spike"]
+    assert [(e["step"], e["action"]) for e in spikes] == [(7, "skip_update")]
+    assert spikes[0]["grad_norm"] > 3 * spikes[0]["grad_norm_baseline"]  # the bad batch's gradient stands out
+    before, _ = load_params(run, cfg, step=6)
+    after, _ = load_params(run, cfg, step=7)
+    jax.tree.map(np.testing.assert_array_equal, before, after)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("update_skipped")] == [7]
+
+
+def test_rewind_skips_the_spike_and_equals_a_run_that_skipped_it(tiny_args, tmp_path, monkeypatch):
+    """Under rewind, a spike at step 9 sets aside the checkpoint holding it, records the decision, restores
+    step 8 and goes on without step 9's batch: bitwise the run that was told to skip step 9."""
+    monkeypatch.setenv("KEEL_INJECT", "spike@9")
+    assert _train(tiny_args, *SPIKY, "spike.policy=rewind") == 0
+    run = _run_dir(tiny_args)
+    assert [(d["steps"], d["spike_step"], d["rewound_to"]) for d in read_decisions(run)] == [("8-9", 9, 8)] or \
+        [(d["steps"], d["spike_step"]) for d in read_decisions(run)] == [("9-9", 9)]
+    events = _events(run)
+    rewind = next(e for e in events if e["kind"] == "rewind")
+    assert rewind["spike_step"] == 9 and rewind["to_step"] == 8
+    assert [e["step"] for e in events if e["kind"] == "checkpoint_restore"] == [8]
+    assert [e["attempt"] for e in events if e["kind"] == "start"] == [1, 2]
+    monkeypatch.delenv("KEEL_INJECT")
+    plain = _with_run_dir(tiny_args, tmp_path / "plain")
+    assert _train(plain, *SPIKY, "spike.policy=rewind", "data.skip_steps=[9]") == 0
+    cfg = load_config("tiny", [*tiny_args, *SPIKY])
+    a, step_a = load_params(run, cfg)
+    b, step_b = load_params(tmp_path / "plain", cfg)
+    assert step_a == step_b == 12
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    # the decision is part of the run: a data inspect of step 9 says it was skipped, and why
+    out = subprocess.run([sys.executable, "-m", "keel", "data", "inspect", "--step", "9", *tiny_args],
+                         capture_output=True, text=True, timeout=120)
+    assert "skipped by the run (spike at step 9)" in out.stdout, out.stdout + out.stderr
+
+
+def test_skip_update_stops_after_too_many_spikes_in_a_row(tiny_args, monkeypatch):
+    monkeypatch.setenv("KEEL_INJECT", "spike@6,spike@7")
+    code = _train(tiny_args, *SPIKY, "spike.policy=skip_update", "spike.max_consecutive=2")
+    assert code == EXIT_SPIKES
+    failure = [e for e in _events(_run_dir(tiny_args)) if e["kind"] == "failure"][-1]
+    assert failure["reason"] == "spike"
+
+
+# ------------------------------------------------------------------------------- hangs, restarts, caches
+
+
+def test_a_hang_dumps_stacks_and_the_supervisor_restarts_to_the_same_result(tiny_args, tmp_path):
+    """The real console entry point: step 5 hangs; the watchdog writes every thread's stack, records the hang
+    and exits 6; the supervisor restarts the training from the checkpoint at 4, and the final parameters are
+    bitwise those of an uninterrupted run. The restart loads the compiled programs from the run's persistent
+    compilation cache instead of compiling them again."""
+    args = [*tiny_args, "train.steps=10", "train.eval_every=10", "checkpoint.every=4", "train.hang_floor_s=8",
+            "train.max_restarts=2", "train.restart_backoff_s=0.1"]
+    run = _run_dir(tiny_args)
+    done = _cli(args, env={"KEEL_INJECT": "hang@5"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ended with exit 6 (a hang); restart 1 of 2" in done.stderr
+    stacks = (run / "hang-host0000-attempt1.txt").read_text()
+    assert "no progress for" in stacks and "before_step" in stacks  # where the main thread was stuck
+    events = _events(run)
+    kinds = [(e["attempt"], e["kind"]) for e in events if e["kind"] not in ("step", "eval")]
+    assert (1, "hang") in kinds and (1, "failure") in kinds
+    child_exit = next(e for e in events if e["kind"] == "child_exit")
+    assert (child_exit["returncode"], child_exit["ending"], child_exit["attempt"]) == (EXIT_HANG, "hang", 1)
+    restart = next(e for e in events if e["kind"] == "restart")
+    assert restart["previous_ending"] == "hang"
+    assert [e["step"] for e in events if e["kind"] == "checkpoint_restore"] == [4]
+    compiles = [e for e in events if e["kind"] == "compile"]
+    assert len(compiles) == 2
+    cache = run / "compile_cache"
+    assert cache.is_dir() and any(cache.iterdir())
+    whole = _with_run_dir(args, tmp_path / "whole")
+    assert _train(whole) == 0
+    cfg = load_config("tiny", args)
+    a, _ = load_params(run, cfg)
+    b, _ = load_params(tmp_path / "whole", cfg)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_supervisor_restarts_only_what_a_restart_can_cure(tmp_path):
+    """A child that fails with each exit code in turn: restartable ones are restarted with doubling backoff up
+    to max_restarts, the others end the job with their code."""
+    script = tmp_path / "child.py"
+    counter = tmp_path / "n"
+    script.write_text("import sys, pathlib\np = pathlib.Path(sys.argv[1]); n = int(p.read_text() or 0) "
+                      "if p.exists() else 0\np.write_text(str(n + 1))\ncodes = [int(c) for c in sys.argv[2:]]\n"
+                      "sys.exit(codes[min(n, len(codes) - 1)])\n")
+    lines = []
+
+    def run(codes, max_restarts):
+        counter.unlink(missing_ok=True)
+        rc = supervise([], tmp_path, max_restarts, 0.01, log=lines.append,
+                       command=[sys.executable, str(script), str(counter), *map(str, codes)])
+        return rc, int(counter.read_text())
+
+    assert run([1, 5, 6, 0], 3) == (0, 4)  # crash, non-finite loss, hang: restarted; then done
+    assert run([1, 1, 1, 1], 2) == (1, 3)  # out of restarts
+    for code in (2, 3, 4, 7, 8, 143):
+        assert run([code, 0], 3) == (code, 1)  # a person must act: no restart
+    assert restartable(-9) and restartable(137) and not restartable(-15) and not restartable(143)
+    assert any("restart 2 of 3" in line for line in lines)
+
+
+def test_sdc_check_passes_on_healthy_devices_and_catches_a_flipped_bit(tiny_args, monkeypatch, capsys):
+    """Every 2 steps the step is recomputed on the 8 devices and on a rotation of them: healthy devices agree
+    bitwise (the run finishes, each check a `badput` span); one flipped bit in a parameter on the rotated mesh
+    at step 4 is silent data corruption: an `sdc` event naming the devices, exit 7."""
+    mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.sdc_every=2"]
+    assert _train(tiny_args, *mesh) == 0
+    run = _run_dir(tiny_args)
+    checks = [e for e in _events(run) if e.get("label") == "sdc_check"]
+    assert [e["step"] for e in checks] == [0, 2, 4] and all(e["ok"] for e in checks)
+    monkeypatch.setenv("KEEL_INJECT", "sdc@4")
+    bad = _with_run_dir(tiny_args, run.parent / "bad")
+    assert _train(bad, *mesh) == EXIT_SDC
+    assert "run `keel burnin`" in capsys.readouterr().err
+    sdc = next(e for e in _events(run.parent / "bad") if e["kind"] == "sdc")
+    assert sdc["step"] == 4 and sorted(sdc["devices"]) == list(range(8))
+    assert sdc["devices"] != sdc["devices_rotated"] and sdc["gradient_hash"][0] != sdc["gradient_hash"][1]
