@@ -15,6 +15,8 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -214,7 +216,8 @@ class TrainConfig:
     a hang or a non-finite loss, at most this many times (docs/goodput.md). 0: train in the `keel train`
     process itself, without a supervisor."""
     restart_backoff_s: float = 1.0
-    """Wait before the first restart; each further restart waits twice as long (at most 60 s)."""
+    """Wait before a restart; doubled for each further restart in a row whose process trained no step (at most
+    60 s)."""
     hang_factor: float = 20.0
     """Hang watchdog: a hang is no step completing within max(`hang_factor` x the median step time,
     `hang_floor_s`); keel then writes every thread's stack to the run directory and exits (code 6)."""
@@ -240,7 +243,13 @@ class SpikeConfig:
     """Steps of loss and gradient-norm history the baseline is computed over (their median and MAD)."""
     threshold: float = 6.0
     """A spike: the loss or the gradient norm above the window's median by more than this many robust
-    standard deviations (1.4826 x MAD, at least 1 % of the median). A non-finite loss is always one."""
+    standard deviations (1.4826 x MAD) and by more than its minimum rise below. A non-finite loss is always one."""
+    loss_min_rise: float = 0.05
+    """The least rise of the loss above the window's median that counts, as a fraction of the median (a
+    steady late-training loss has a tiny MAD)."""
+    grad_norm_min_rise: float = 1.0
+    """The least rise of the gradient norm above the window's median that counts, as a fraction of the median
+    (gradient norms are heavy-tailed: 1.0 means at least twice the median)."""
     min_history: int = 32
     """Steps of history before the detector judges anything (early training moves too fast for a baseline)."""
     max_consecutive: int = 8
@@ -286,6 +295,49 @@ RESUMABLE_KEYS = frozenset({
 })
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The values a float key allows. Every float key must also be finite: nan or inf in a config can only
+    fail later (or, worse, train on quietly), so `validate` refuses them before any work starts."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def admits(self, x: float) -> bool:
+        return (math.isfinite(x) and (x > self.low if self.low_open else x >= self.low)
+                and (x < self.high if self.high_open else x <= self.high))
+
+    def describe(self, value: float) -> str:
+        """What `value` must be instead: `> 0`, `in [0, 1)`, `a finite number >= 0`."""
+        if math.isinf(self.high):
+            if math.isinf(self.low):
+                return "a finite number"
+            rule = f"{'>' if self.low_open else '>='} {self.low:g}"
+            return rule if math.isfinite(value) else f"a finite number {rule}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE, NON_NEGATIVE = Bounds(0.0, low_open=True), Bounds(0.0)
+FRACTION, DECAY = Bounds(0.0, 1.0), Bounds(0.0, 1.0, high_open=True)
+
+# The range of each float key (as `describe_fields` names it: items of a list as `[]`, the values of a mapping
+# under the mapping's key). A float key not listed must still be finite; tests/test_config.py checks that every
+# key listed here is a float key.
+FLOAT_BOUNDS: dict[str, Bounds] = {
+    "model.rope_theta": POSITIVE, "model.final_logit_softcap": NON_NEGATIVE, "model.norm_eps": POSITIVE,
+    "data.heldout_fraction": Bounds(0.0, 1.0, low_open=True, high_open=True),
+    "data.sources[].weight": NON_NEGATIVE, "data.sources[].max_epochs": NON_NEGATIVE,
+    "data.mixture_schedule[].weights": NON_NEGATIVE,
+    "optim.lr": NON_NEGATIVE, "optim.min_lr_ratio": FRACTION, "optim.decay_fraction": FRACTION,
+    "optim.b1": DECAY, "optim.b2": DECAY, "optim.eps": POSITIVE, "optim.weight_decay": NON_NEGATIVE,
+    "optim.grad_clip": NON_NEGATIVE, "optim.muon_beta": DECAY,
+    "train.restart_backoff_s": NON_NEGATIVE, "train.hang_factor": POSITIVE, "train.hang_floor_s": NON_NEGATIVE,
+    "spike.threshold": POSITIVE, "spike.loss_min_rise": POSITIVE, "spike.grad_norm_min_rise": POSITIVE,
+}
+
+
 # ---------------------------------------------------------------------------------------------- building
 
 
@@ -301,13 +353,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     literal = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
     text_like = tp is str or (literal is not None and all(isinstance(v, str) for v in literal))
     if isinstance(value, RawValue):
-        value = str(value) if text_like else yaml.safe_load(value) if value.strip() else ""
+        if text_like:
+            value = str(value)
+        else:
+            value = _load_yaml(value, f"override {key}={value}", one_line=True) if value.strip() else ""
     if literal is not None:
         if value not in literal:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, literal))}")
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: an integer of {len(str(value))} digits must be a finite number") from None
     if tp is str and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if dataclasses.is_dataclass(tp):
@@ -342,7 +400,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
         where = prefix or "config"
         raise ConfigError(
@@ -394,7 +452,7 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
         path = PRESET_DIR / f"{name_or_path}.yaml"
     if not path.exists():
         raise ConfigError(f"config {name_or_path!r} not found; presets: {', '.join(preset_names())}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at top level")
     return data
@@ -414,8 +472,121 @@ def from_dict(data: dict[str, Any]) -> Config:
     return validate(_build(Config, data, ""))
 
 
+def load_saved_config(path: str | Path) -> Config:
+    """The config a run directory recorded (its `config.yaml`), validated; any fault is a ConfigError naming
+    the file."""
+    data = load_yaml_file(path)
+    try:
+        return from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- YAML
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """`yaml.safe_load` (no Python tags: configs are data, invariant 7 of docs/design.md) that also refuses a
+    key given twice in one mapping, which YAML would resolve silently by keeping the last."""
+
+
+def _construct_unique_mapping(loader: _ConfigLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        with contextlib.suppress(TypeError):  # an unhashable key: construct_mapping reports it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_ConfigLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _yaml_message(e: yaml.YAMLError, text: str, where: str, one_line: bool) -> str:
+    """One line: `where:LINE:COLUMN: problem (context)`, 1-based as editors count; for an override (one line)
+    `where (column N of the value): problem`."""
+
+    def at(line: int, column: int) -> str:
+        return f" (column {column + 1} of the value)" if one_line else f":{line + 1}:{column + 1}"
+
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow, e.g. a control character
+        line = text.count("\n", 0, e.position)
+        column = e.position - (text.rfind("\n", 0, e.position) + 1)
+        return f"{where}{at(line, column)}: character {chr(e.character)!r} is not allowed in YAML"
+    if not isinstance(e, yaml.MarkedYAMLError):
+        return f"{where}: {' '.join(str(e).split())}"
+    problem = e.problem or e.context or "invalid YAML"
+    tag = re.search(r"constructor for the tag '([^']*)'", problem)
+    if tag:
+        problem = (f"the tag {tag.group(1).replace('tag:yaml.org,2002:', '!!')} is not allowed "
+                   "(config files hold plain YAML data: no Python objects or other tags)")
+    mark = e.problem_mark or e.context_mark
+    out = f"{where}{at(mark.line, mark.column) if mark is not None else ''}: {problem}"
+    if e.problem and e.context and e.context_mark is not None and e.context_mark is not mark:
+        c = e.context_mark
+        out += f" ({e.context} at {'column ' if one_line else f'line {c.line + 1}, column '}{c.column + 1})"
+    return out
+
+
+def _load_yaml(text: str, where: str, one_line: bool = False) -> Any:
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader: no Python objects
+    except yaml.YAMLError as e:
+        raise ConfigError(_yaml_message(e, text, where, one_line)) from None
+
+
+def load_yaml_file(path: str | Path) -> Any:
+    """A YAML file of config data. A syntax error, a Python (or other unknown) tag, a duplicate key, an
+    unreadable or non-UTF-8 file is a ConfigError naming `path:LINE:COLUMN`, never a traceback."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    return _load_yaml(text, str(path))
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def leaf_values(node: Any, key: str = "", pattern: str = "") -> typing.Iterator[tuple[str, str, Any]]:
+    """Every scalar of a config as (key, pattern, value): `data.sources[1].weight`, `data.sources[].weight`.
+    A mapping's values share its pattern (`data.mixture_schedule[].weights`), as in `describe_fields`."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            dot = "." if key else ""
+            yield from leaf_values(getattr(node, f.name), f"{key}{dot}{f.name}", f"{pattern}{dot}{f.name}")
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from leaf_values(v, f"{key}.{k}", pattern)
+    elif isinstance(node, list | tuple):
+        for i, v in enumerate(node):
+            yield from leaf_values(v, f"{key}[{i}]", f"{pattern}[]")
+    else:
+        yield key, pattern, node
+
+
+def _validate_numbers(cfg: Config) -> None:
+    for key, pattern, value in leaf_values(cfg):
+        if isinstance(value, float):
+            bounds = FLOAT_BOUNDS.get(pattern, Bounds())
+            if not bounds.admits(value):
+                raise ConfigError(f"{key}={value} must be {bounds.describe(value)}")
+        elif isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{key}={value} must fit in 64 bits")
+
+
 def validate(cfg: Config) -> Config:
     m, d, o, t, c = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.checkpoint
+    _validate_numbers(cfg)  # first: nan passes every comparison below
+    if not 0 <= t.seed < 2**32:  # jax.random.key keeps 32 bits: a larger seed would alias a smaller one
+        raise ConfigError(f"train.seed={t.seed} must be in [0, 2**32)")
     positive = {
         "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
         "model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads, "model.head_dim": m.head_dim,
@@ -423,8 +594,7 @@ def validate(cfg: Config) -> Config:
         "train.steps": t.steps, "train.batch_size": t.batch_size, "train.log_every": t.log_every,
         "train.eval_every": t.eval_every, "train.eval_batches": t.eval_batches, "optim.muon_ns_steps": o.muon_ns_steps,
         "checkpoint.every": c.every, "checkpoint.keep": c.keep, "spike.window": cfg.spike.window,
-        "spike.threshold": cfg.spike.threshold, "spike.max_consecutive": cfg.spike.max_consecutive,
-        "spike.rewind_skip": cfg.spike.rewind_skip, "train.hang_factor": t.hang_factor,
+        "spike.max_consecutive": cfg.spike.max_consecutive, "spike.rewind_skip": cfg.spike.rewind_skip,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -438,23 +608,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")
     for key, value in {"model.sliding_window": m.sliding_window, "train.stop_at": t.stop_at,
                        "optim.warmup_steps": o.warmup_steps, "train.sample_tokens": t.sample_tokens,
-                       "train.max_restarts": t.max_restarts, "train.restart_backoff_s": t.restart_backoff_s,
-                       "train.hang_floor_s": t.hang_floor_s, "train.sdc_every": t.sdc_every,
+                       "train.max_restarts": t.max_restarts, "train.sdc_every": t.sdc_every,
                        "spike.min_history": cfg.spike.min_history, "spike.max_rewinds": cfg.spike.max_rewinds,
                        }.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
-    for key, value in {"model.final_logit_softcap": m.final_logit_softcap, "optim.lr": o.lr,
-                       "optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip}.items():
-        if value < 0:
-            raise ConfigError(f"{key}={value} must be >= 0")
-    for key, value in {"data.heldout_fraction": d.heldout_fraction, "optim.decay_fraction": o.decay_fraction,
-                       "optim.min_lr_ratio": o.min_lr_ratio, "optim.b1": o.b1, "optim.b2": o.b2,
-                       "optim.muon_beta": o.muon_beta}.items():
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{key}={value} must be in [0, 1]")
-    if not 0.0 < d.heldout_fraction < 1.0:
-        raise ConfigError(f"data.heldout_fraction={d.heldout_fraction} must be strictly between 0 and 1")
     if o.warmup_steps + int(o.decay_fraction * t.steps) > t.steps:
         raise ConfigError(
             f"optim.warmup_steps={o.warmup_steps} plus the decay phase "
@@ -477,8 +635,6 @@ def _validate_data(d: DataConfig) -> None:
     for i, src in enumerate(d.sources):
         if not src.name or not src.path:
             raise ConfigError(f"data.sources[{i}]: needs a name and a path (a store from keel data build)")
-        if src.weight < 0 or src.max_epochs < 0:
-            raise ConfigError(f"data.sources[{i}] ({src.name}): weight and max_epochs must be >= 0")
     if len(set(names)) != len(names):
         raise ConfigError(f"data.sources: names must be unique, got {names}")
     if d.sources and sum(src.weight for src in d.sources) <= 0:
@@ -493,7 +649,7 @@ def _validate_data(d: DataConfig) -> None:
         unknown = sorted(set(ch.weights) - set(names))
         if unknown:
             raise ConfigError(f"data.mixture_schedule[{i}].weights: unknown source {unknown[0]!r}; sources: {names}")
-        if any(w < 0 for w in ch.weights.values()) or sum(ch.weights.values()) <= 0:
+        if sum(ch.weights.values()) <= 0:
             raise ConfigError(f"data.mixture_schedule[{i}].weights must be >= 0 with a positive sum")
     from keel.train.plan import SkipList
 

@@ -48,17 +48,17 @@ def _cli(args, *extra, env=None, timeout=240):
 
 
 def _reference(history, loss, norm, cfg):
-    """The detector's rule in numpy: median + threshold x max(1.4826 MAD, 1 % of the median), after
-    min_history accepted steps; a non-finite value is always a spike."""
+    """The detector's rule in numpy: above the median by more than threshold x 1.4826 MAD and the minimum rise
+    (a fraction of the median), after min_history accepted steps; a non-finite value is always a spike."""
     if not (np.isfinite(loss) and np.isfinite(norm)):
         return True
     if len(history) < cfg.min_history:
         return False
     recent = np.array(history[-cfg.window:], dtype=np.float32)
-    for col, x in ((recent[:, 0], loss), (recent[:, 1], norm)):
+    for col, x, rise in ((recent[:, 0], loss, cfg.loss_min_rise), (recent[:, 1], norm, cfg.grad_norm_min_rise)):
         med = np.median(col)
         sigma = 1.4826 * np.median(np.abs(col - med))
-        if x - med > cfg.threshold * max(sigma, 0.01 * abs(med)):
+        if x - med > max(cfg.threshold * sigma, rise * abs(med)):
             return True
     return False
 
@@ -67,18 +67,19 @@ def _reference(history, loss, norm, cfg):
 def test_spike_detector_matches_its_rule_on_random_streams(seed):
     rng = np.random.default_rng(seed)
     cfg = SpikeConfig(policy="warn", window=int(rng.integers(8, 40)), threshold=float(rng.uniform(2, 8)),
-                      min_history=int(rng.integers(3, 8)))
+                      min_history=int(rng.integers(3, 8)), loss_min_rise=float(rng.uniform(0, 0.2)),
+                      grad_norm_min_rise=float(rng.uniform(0, 2)))
     step = jax.jit(lambda m, loss, norm: detect(m, loss, norm, cfg))
     monitor, history, streak, flagged = init_monitor(cfg), [], 0, 0
     for i in range(120):
         loss = np.float32(3.0 - 0.01 * i + rng.normal(0, 0.05))
         norm = np.float32(abs(rng.normal(1.0, 0.1)))
         r = rng.random()
-        if r < 0.06:
+        if r < 0.08:
             loss = np.float32(loss + rng.uniform(0.1, 3.0))  # spikes of every size, some below the threshold
-        elif r < 0.09:
+        elif r < 0.12:
             norm = np.float32(norm * rng.uniform(1.5, 30))
-        elif r < 0.1:
+        elif r < 0.13:
             loss = np.float32(np.nan)
         expect = _reference(history, loss, norm, cfg)
         spike, monitor, metrics = step(monitor, jnp.float32(loss), jnp.float32(norm))

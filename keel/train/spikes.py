@@ -1,19 +1,20 @@
 """Loss spikes: a robust detector inside the train step, and what the host does about a spike (`spike.*`).
 
 In the step (no host sync): the state carries a window of the last `spike.window` accepted losses and gradient
-norms. A step is a spike when, with at least `spike.min_history` steps of history, its loss or gradient norm
-is above the window's median by more than `threshold` robust standard deviations (1.4826 x MAD, at least 1 % of
-the median), or when either is not finite. A spike does not enter the window (the baseline stays the clean
-one); `streak` counts spikes in a row. Under `skip_update` the step's update is not applied (as MaxText does):
-the parameters and optimizer state stay those before it, the step counter moves on. Median and MAD rather than
-OLMo's mean + 6 sigma: one spike in the window does not inflate the threshold that should catch the next.
+norms. A step is a spike when, with at least `spike.min_history` steps of history, its loss or gradient norm is
+above the window's median by more than `threshold` robust standard deviations (1.4826 x MAD) and by more than a
+minimum rise (`loss_min_rise`, `grad_norm_min_rise`, as fractions of the median: a steady loss has a tiny MAD, and
+gradient norms are heavy-tailed), or when either is not finite. A spike does not enter the window (the baseline
+stays the clean one); `streak` counts spikes in a row. Under `skip_update` the step's update is not applied (as
+MaxText does): the parameters and optimizer state stay those before it, the step counter moves on. Median and MAD
+rather than OLMo's mean + 6 sigma: one spike in the window does not inflate the threshold that should catch the
+next.
 
 On the host (`SpikeWatch`, one step late like every metric): a `spike` event; under `skip_update`,
-`max_consecutive` spikes in a row stop the run (LossSpikes, exit 8); under `rewind`, `Rewind` unwinds the
-attempt: `rewind()` records the decision to skip the offending steps (keel/train/plan.py), sets aside the
-checkpoints written after the spike, and the trainer starts a new attempt from the checkpoint before it.
-Everything the detector decides is a function of the state and the data, so a replay decides the same.
-"""
+`max_consecutive` spikes in a row stop the run (LossSpikes, exit 8); under `rewind`, `Rewind` unwinds the attempt:
+`rewind()` records the decision to skip the offending steps (keel/train/plan.py), sets aside the checkpoints
+written after the spike, and the trainer starts a new attempt from the checkpoint before it. Everything the
+detector decides is a function of the state and the data, so a replay decides the same."""
 
 from __future__ import annotations
 
@@ -39,19 +40,19 @@ def init_monitor(cfg: SpikeConfig) -> Monitor:
             "streak": jnp.zeros((), jnp.int32)}
 
 
-def _outlier(history: jax.Array, x: jax.Array, threshold: float) -> tuple[jax.Array, jax.Array]:
-    """(x above the window's median by more than `threshold` robust sigmas, the median)."""
+def _outlier(history: jax.Array, x: jax.Array, threshold: float, min_rise: float) -> tuple[jax.Array, jax.Array]:
+    """(x above the window's median by more than `threshold` robust sigmas and `min_rise` x |median|, the median)."""
     median = jnp.nanmedian(history)
     sigma = 1.4826 * jnp.nanmedian(jnp.abs(history - median))
-    return x - median > threshold * jnp.maximum(sigma, 0.01 * jnp.abs(median)), median
+    return x - median > jnp.maximum(threshold * sigma, min_rise * jnp.abs(median)), median
 
 
 def detect(monitor: Monitor, loss: jax.Array, grad_norm: jax.Array, cfg: SpikeConfig
            ) -> tuple[jax.Array, Monitor, dict[str, jax.Array]]:
     """(is this step a spike, the updated monitor, metrics: the baselines and the streak). Traced in the step."""
     loss, grad_norm = loss.astype(jnp.float32), grad_norm.astype(jnp.float32)
-    loss_high, loss_base = _outlier(monitor["loss"], loss, cfg.threshold)
-    norm_high, norm_base = _outlier(monitor["grad_norm"], grad_norm, cfg.threshold)
+    loss_high, loss_base = _outlier(monitor["loss"], loss, cfg.threshold, cfg.loss_min_rise)
+    norm_high, norm_base = _outlier(monitor["grad_norm"], grad_norm, cfg.threshold, cfg.grad_norm_min_rise)
     judged = monitor["count"] >= cfg.min_history
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     spike = jnp.asarray(cfg.policy != "off") & (~finite | (judged & (loss_high | norm_high)))

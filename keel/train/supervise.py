@@ -3,23 +3,24 @@
     keel train ...                      # this process: supervise (no JAX imported here)
       └─ python -m keel train --supervised ...   # the child: one attempt, resumes from the latest checkpoint
 
-The child's exit code says what happened (keel/errors.py): a crash (1), a non-finite loss (5), a hang (6) or
-death by a signal other than SIGTERM/SIGINT (SIGKILL, the OOM killer, SIGSEGV) is restarted from the latest good
-checkpoint, at most `train.max_restarts` times, after `train.restart_backoff_s` seconds doubled on each restart
-(at most 60 s). Everything else ends the job with the child's code: done (0), a config, data or checkpoint error
-a person must fix (2, 3, 4), silent data corruption (7: burn the node in first), persistent loss spikes (8), and
-a preemption (143). SIGTERM or SIGINT to the supervisor is forwarded to the child (checkpoint, exit 143, no
-restart). The child runs in its own session, so a terminal's Ctrl-C reaches it once, through the supervisor.
+The child's exit code says what happened (keel/errors.py): a crash (1), a non-finite loss (5), a hang (6) or death
+by a signal other than SIGTERM/SIGINT (SIGKILL, the OOM killer, SIGSEGV) is restarted from the latest good
+checkpoint, at most `train.max_restarts` times, after `train.restart_backoff_s` seconds, doubled for each further
+restart in a row whose process trained no step (at most 60 s). Everything else ends the job with the child's code:
+done (0), a config, data or checkpoint error a person must fix (2, 3, 4), silent data corruption (7: burn the node
+in first), persistent loss spikes (8), and a preemption (143). SIGTERM or SIGINT to the supervisor is forwarded to
+the child (checkpoint, exit 143, no restart). The child runs in its own session, so a terminal's Ctrl-C reaches it
+once, through the supervisor.
 
-After each child the supervisor appends a `child_exit` event (under the child's attempt number) to the host's
-event file: the exit code, how the attempt ended, and the backoff that follows, for `keel goodput`.
+After each child the supervisor appends a `child_exit` event (under the child's attempt number) to the host's event
+file: the exit code, how the attempt ended, and the backoff that follows, for `keel goodput`.
 
-Multi-process runs are not supervised here: a restart must restart every host together, which is the cluster's
-job (docs/goodput.md shows the JobSet policy that acts on the same exit codes).
-"""
+Multi-process runs are not supervised here: a restart must restart every host together, which is the cluster's job
+(docs/goodput.md shows the JobSet policy that acts on the same exit codes)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -66,14 +67,15 @@ def supervise(argv: Sequence[str], run_dir: Path, max_restarts: int, backoff_s: 
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        restarts = 0
+        restarts = fruitless = 0
         while True:
             state["child"] = child = subprocess.Popen(cmd, start_new_session=True)
             rc = child.wait()
             if rc == 0 or state["signal"] is not None:
                 return shell_code(rc)
+            fruitless = 0 if _trained(run_dir) else fruitless + 1
             again = restartable(rc) and restarts < max_restarts
-            wait = min(backoff_s * 2 ** restarts, MAX_BACKOFF_S) if again else None
+            wait = min(backoff_s * 2 ** max(0, fruitless - 1), MAX_BACKOFF_S) if again else None
             _record(run_dir, rc, again, wait, restarts)
             if not again:
                 if restartable(rc):
@@ -91,6 +93,27 @@ def supervise(argv: Sequence[str], run_dir: Path, max_restarts: int, backoff_s: 
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def _trained(run_dir: Path) -> bool:
+    """Whether the last attempt trained at least one step (then the next restart waits the base backoff again)."""
+    path = run_dir / "events" / "host0000.jsonl"
+    last = last_event(path)
+    if last is None:
+        return False
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - (1 << 18)))
+        tail = f.read().decode(errors="replace")
+    attempt = last.get("attempt")
+    for line in tail.splitlines():
+        if '"kind": "step"' in line:
+            try:
+                if json.loads(line).get("attempt") == attempt:
+                    return True
+            except ValueError:
+                continue
+    return False
 
 
 def _record(run_dir: Path, rc: int, again: bool, backoff_s: float | None, restarts: int) -> None:
