@@ -232,3 +232,26 @@ def test_sdc_check_passes_on_healthy_devices_and_catches_a_flipped_bit(tiny_args
     sdc = next(e for e in _events(run.parent / "bad") if e["kind"] == "sdc")
     assert sdc["step"] == 4 and sorted(sdc["devices"]) == list(range(8))
     assert sdc["devices"] != sdc["devices_rotated"] and sdc["gradient_hash"][0] != sdc["gradient_hash"][1]
+
+
+def test_supervisor_forwards_sigterm_and_does_not_restart(tmp_path):
+    """A preemption: SIGTERM to the supervisor reaches the child, which checkpoints and exits 143; no restart."""
+    import signal
+    import threading
+
+    script = tmp_path / "child.py"
+    marker = tmp_path / "started"
+    script.write_text("import signal, sys, time, pathlib\n"
+                      "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+                      f"pathlib.Path({str(marker)!r}).write_text('x')\n"
+                      "time.sleep(60)\nsys.exit(1)\n")
+
+    def preempt():
+        while not marker.exists():
+            threading.Event().wait(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=preempt, daemon=True).start()
+    starts = []
+    rc = supervise([], tmp_path, 5, 0.01, log=starts.append, command=[sys.executable, str(script)])
+    assert rc == 143 and not starts  # no "restart" line: a preemption is the launcher's to restart
