@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("goodput", help="goodput % and a badput breakdown of a run, from its events",
@@ -87,7 +85,7 @@ def interval_advice(save_s: float | None, step_s: float | None, every: int | Non
 
 def _checkpoint_every(run_dir: Path) -> int | None:
     """`checkpoint.every` of the run's saved config, read with the config loader (None without one)."""
-    from keel.config import from_dict
+    from keel.config import load_saved_config
 
     path = run_dir / "config.yaml"
-    return from_dict(yaml.safe_load(path.read_text())).checkpoint.every if path.exists() else None
+    return load_saved_config(path).checkpoint.every if path.exists() else None
