@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from keel.config import load_config, preset_names
 from keel.errors import KeelError
@@ -20,14 +22,13 @@ def _human(n: float) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config or ["tiny"], args.overrides)
+    args.log_dir = str(Path(cfg.run_dir) / "logs")  # where a crash's traceback goes
     if args.dry_run:
         return dry_run(cfg)
     from keel.parallel.distributed import DistributedArgs, from_environment, initialize
 
     dist = DistributedArgs.from_namespace(args)
     if not args.supervised and cfg.train.max_restarts > 0 and not from_environment(dist).given:
-        from pathlib import Path
-
         from keel.train.supervise import supervise  # no JAX in the supervising process
 
         return supervise(args.argv, Path(cfg.run_dir), cfg.train.max_restarts, cfg.train.restart_backoff_s)
@@ -83,6 +84,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": cmd_train, 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keel", description="LLM pretraining in JAX, engineered for goodput.")
+    parser.add_argument("--debug", action="store_true",
+                        help="let a crash raise with its full traceback (default: one line, the traceback to a file)")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model (default: the tiny model on the Python standard library)",
                        description="Train a model. Running it again on the same run_dir resumes the run.")
@@ -110,14 +113,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command. An error a user can act on is one line on stderr and its exit code; a crash is one line
+    too, with its full traceback written to `run_dir/logs/` (or a temporary folder) — or raised as it is with
+    `--debug` / KEEL_DEBUG=1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.argv = argv[1:]  # the command's own arguments, as given (the supervisor passes them on to its child)
+    # the command's own arguments, as given (the supervisor passes them on to its child)
+    args.argv = argv[argv.index(args.command) + 1:]
+    debug = args.debug or os.environ.get("KEEL_DEBUG", "") not in ("", "0")
     try:
         return COMMANDS[args.command](args)
     except KeelError as e:
-        print(f"keel: {e.kind}: {e}", file=sys.stderr)
+        if debug:
+            raise
+        cause = e.__cause__ or e.__context__
+        details = f" (the underlying error's traceback: {_write_traceback(args, e)})" if cause else ""
+        print(f"keel: {e.kind}: {e}{details}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:
+        if debug:
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(f"keel: crash: {type(e).__name__}: {first}\nkeel: the full traceback is in "
+              f"{_write_traceback(args, e)}; rerun with --debug (or KEEL_DEBUG=1) to see it here", file=sys.stderr)
+        return 1
+
+
+def _write_traceback(args: argparse.Namespace, e: BaseException) -> Path:
+    """The exception's full traceback in a file of `run_dir/logs/` (train) or a temporary folder; its path."""
+    import tempfile
+    import time
+    import traceback
+
+    folder = Path(getattr(args, "log_dir", None) or Path(tempfile.gettempdir()) / "keel-logs")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path(tempfile.gettempdir())
+    path = folder / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    path.write_text("".join(traceback.format_exception(e)))
+    return path
 
 
 if __name__ == "__main__":
