@@ -49,7 +49,8 @@ def store(inputs, tmp_path_factory):
 def test_all_formats_and_bad_input_counted_per_file(store, inputs):
     m = store.manifest
     assert m["inputs"]["documents"] == 300 + 40 + 1
-    assert m["inputs"]["bad"] == {"malformed_json": 1, "missing_field": 2, "not_utf8": 1, "empty": 2}
+    assert m["inputs"]["bad"] == {"malformed_json": 1, "missing_field": 2, "not_utf8": 1, "empty": 2,
+                                  "unreadable": 0, "unencodable": 0}
     assert m["inputs"]["bad_by_file"][str(inputs / "a.jsonl")] == {"malformed_json": 1, "missing_field": 1,
                                                                    "not_utf8": 1, "empty": 1}
     assert m["inputs"]["bad_by_file"][str(inputs / "d.parquet")] == {"missing_field": 1}
@@ -131,7 +132,9 @@ def test_damaged_store_exits_with_the_data_code_not_the_config_one(store, tmp_pa
     shutil.copy(store.path / "heldout" / "offsets.bin", copy / "heldout" / "offsets.bin")
     (copy / "tokenizer.json").write_text("{not json")
     assert main(args) == EXIT_DATA
-    assert f"data error: store tokenizer='{copy / 'tokenizer.json'}' is not a valid" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"data error: store {copy} is corrupt" in err
+    assert f"store tokenizer='{copy / 'tokenizer.json'}' is not a valid" in err
 
 
 def test_a_bad_tokenizer_flag_is_named(inputs, tmp_path, capsys):

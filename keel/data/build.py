@@ -12,23 +12,36 @@ A build has three stages, each deterministic and restartable, each parallel over
    atomically: a store without one is incomplete, and rerunning the build finishes it.
 
 Every file is written to a temporary name and renamed, so an interrupted build never leaves a file that looks
-complete; rerunning skips the units already done. The result does not depend on the number of workers.
+complete; rerunning skips the units already done, and only those: a chunk remembers its file's content hash,
+path, tokenizer and text field, a shard what it was made from, so a unit left by an interrupted build of other
+inputs is redone, never reused. The result does not depend on the number of workers.
+
+Building into a complete store compares the command with its manifest (`store_difference`: settings, a given
+tokenizer, and the input files, which the manifest lists with size, mtime and sha256). The same inputs are a
+no-op that says so (a file whose mtime alone changed is re-hashed, never re-tokenized); others are refused with
+the difference (DataError, exit 4), or with `force` built in a sibling directory and swapped in by one
+rename (`swap_directories`).
+
+Bad input never ends a build: it is counted per file and kind (`BAD_KINDS`) in the manifest, a damaged file
+(a truncated .gz/.zst, a zero-byte or broken .parquet) once, as `unreadable`, keeping the documents read before
+the break; under --strict the first one is a DataError naming FILE:LINE (or FILE:row N, or FILE).
 `write_store` writes a store from token arrays (tests, benchmarks) through the same manifest writer.
 """
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import gzip
 import hashlib
-import io
 import json
 import math
 import os
 import shutil
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -37,13 +50,16 @@ from tokenizers import Tokenizer, models
 from tqdm import tqdm
 
 from keel.data.order import mix64
-from keel.data.store import FORMAT, VERSION, TokenStore
+from keel.data.store import FORMAT, SPLITS, VERSION, TokenStore, read_manifest
 from keel.data.tokenizer import BOS, EOS, PAD, load_tokenizer, special_ids, tokenizer_hash, train_bpe
 from keel.errors import ConfigError, DataError
 from keel.io import atomic_write
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
-BAD_KINDS = ("malformed_json", "missing_field", "not_utf8", "empty")
+# unreadable: the file could not be read to its end (a truncated or corrupt .gz/.zst, a zero-byte or broken
+# .parquet): counted once per file, the documents read before the break are kept. unencodable: a JSON string with
+# a lone surrogate ("\ud800"), which no UTF-8 tokenizer can take.
+BAD_KINDS = ("malformed_json", "missing_field", "not_utf8", "empty", "unreadable", "unencodable")
 DEFAULT_SHARD_TOKENS = 1 << 28
 
 
@@ -58,73 +74,112 @@ class FileReport:
     bad: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_KINDS, 0))
     examples: list[str] = field(default_factory=list)
 
-    def flag(self, kind: str, where: str, strict: bool) -> None:
+    def flag(self, kind: str, where: str, strict: bool, detail: str = "") -> None:
+        said = f"{kind.replace('_', ' ')}" + (f" ({detail})" if detail else "")
         if strict:
-            raise DataError(f"{where}: {kind.replace('_', ' ')} (--strict)")
+            raise DataError(f"{where}: {said} (--strict)")
         self.bad[kind] += 1
         if len(self.examples) < 3:
-            self.examples.append(f"{where}: {kind}")
+            self.examples.append(f"{where}: {said}")
+
+
+def _zstd_blocks(path: Path) -> Iterator[bytes]:
+    """The decompressed bytes of a .zst file, frame after frame. A file that ends inside a frame raises EOFError
+    (the zstandard stream reader returns the truncated data without a word)."""
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    frame, inside = dctx.decompressobj(), False
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            while block:
+                if data := frame.decompress(block):
+                    yield data
+                inside = not frame.eof
+                block = frame.unused_data if frame.eof else b""
+                if frame.eof:
+                    frame = dctx.decompressobj()
+    if inside:
+        raise EOFError("the zstd stream ended inside a frame (a truncated file)")
+
+
+def _split_lines(blocks: Iterator[bytes]) -> Iterator[bytes]:
+    rest = b""
+    for block in blocks:
+        lines = (rest + block).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest
 
 
 def _open_lines(path: Path) -> Iterator[bytes]:
+    """The lines of a (compressed) JSONL file. A truncated or corrupt compressed file raises EOFError, OSError,
+    zlib.error or zstandard.ZstdError after its last complete line (never a partial line)."""
     name = path.name
     if name.endswith(".gz"):
         with gzip.open(path, "rb") as f:
             yield from f
     elif name.endswith(".zst"):
-        import zstandard
-
-        with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as f:
-            yield from io.BufferedReader(f)
+        yield from _split_lines(_zstd_blocks(path))
     else:
         with open(path, "rb") as f:
             yield from f
 
 
+def _read_errors(path: Path) -> tuple[type[BaseException], ...]:
+    """What reading a damaged input file raises; counted as `unreadable` (or, under --strict, a DataError)."""
+    errors: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error)
+    if path.name.endswith(".zst"):
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    if path.name.endswith(".parquet"):
+        import pyarrow as pa
+
+        errors += (pa.ArrowException,)
+    return errors
+
+
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
 def read_documents(path: Path, text_field: str, report: FileReport, strict: bool) -> Iterator[str]:
-    """The documents of one input file: a .jsonl(.gz/.zst) line, a .parquet row, or a whole text file."""
+    """The documents of one input file: a .jsonl(.gz/.zst) line, a .parquet row, or a whole text file. Bad
+    input is flagged in `report` (under `strict`: a DataError naming FILE:LINE); it never ends the build."""
     name = path.name
     if name.endswith(JSONL_SUFFIXES):
-        for lineno, raw in enumerate(_open_lines(path), 1):
-            where = f"{path}:{lineno}"
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                report.flag("not_utf8", where, strict)
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                report.flag("malformed_json", where, strict)
-                continue
-            text = obj.get(text_field) if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                report.flag("missing_field", f"{where} (field {text_field!r})", strict)
-            elif not text.strip():
-                report.flag("empty", where, strict)
-            else:
-                yield text
+        lineno = 0
+        try:
+            for lineno, raw in enumerate(_open_lines(path), 1):
+                if (text := _json_document(raw, f"{path}:{lineno}", text_field, report, strict)) is not None:
+                    yield text
+        except _read_errors(path) as e:
+            report.flag("unreadable", f"{path}:{lineno + 1}", strict, _why(e))
     elif name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
-        if text_field not in pf.schema_arrow.names:
-            report.flag("missing_field", f"{path} (no column {text_field!r}; columns: {pf.schema_arrow.names})",
-                        strict)
-            return
         row = 0
-        for batch in pf.iter_batches(columns=[text_field]):
-            for text in batch.column(0).to_pylist():
-                row += 1
-                where = f"{path}:row {row}"
-                if not isinstance(text, str):
-                    report.flag("missing_field", where, strict)
-                elif not text.strip():
-                    report.flag("empty", where, strict)
-                else:
-                    yield text
+        try:
+            pf = pq.ParquetFile(path)
+            if text_field not in pf.schema_arrow.names:
+                report.flag("missing_field", f"{path} (no column {text_field!r}; columns: {pf.schema_arrow.names})",
+                            strict)
+                return
+            for batch in pf.iter_batches(columns=[text_field]):
+                for text in batch.column(0).to_pylist():
+                    row += 1
+                    where = f"{path}:row {row}"
+                    if not isinstance(text, str):
+                        report.flag("missing_field", where, strict)
+                    elif not text.strip():
+                        report.flag("empty", where, strict)
+                    else:
+                        yield text
+        except _read_errors(path) as e:
+            report.flag("unreadable", f"{path}:row {row + 1}" if row else str(path), strict, _why(e))
     else:
         try:
             text = path.read_bytes().decode("utf-8")
@@ -135,6 +190,36 @@ def read_documents(path: Path, text_field: str, report: FileReport, strict: bool
             report.flag("empty", str(path), strict)
         else:
             yield text
+
+
+def _json_document(raw: bytes, where: str, text_field: str, report: FileReport, strict: bool) -> str | None:
+    """The text of one JSONL line, or None (a blank line, or bad input flagged in `report`)."""
+    if not raw.strip():
+        return None
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        report.flag("not_utf8", where, strict)
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        report.flag("malformed_json", where, strict)
+        return None
+    text = obj.get(text_field) if isinstance(obj, dict) else None
+    if not isinstance(text, str):
+        report.flag("missing_field", f"{where} (field {text_field!r})", strict)
+        return None
+    if not text.strip():
+        report.flag("empty", where, strict)
+        return None
+    if b"\\u" in raw:  # only a \uXXXX escape can give a lone surrogate: valid UTF-8 bytes never decode to one
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            report.flag("unencodable", where, strict, f"lone surrogate {text[e.start]!r} at character {e.start}")
+            return None
+    return text
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[Path]:
@@ -210,10 +295,17 @@ def _tokenize_file(index: int, path: str, spec: BuildSpec, tokenizer_path: str, 
     """Stage 1 for one file: chunk tokens, document offsets and a report; returns the report."""
     chunks = _chunk_dir(Path(spec.out))
     report_path = chunks / f"{index:07d}.json"
+    st = os.stat(path)  # before hashing: a file changed meanwhile then looks changed to the next rebuild's check
     digest = file_hash(Path(path))
     if report_path.exists():
         done = json.loads(report_path.read_text())
-        if done["sha256"] == digest and done["tokenizer"] == tok_hash:
+        # reused only if made from this file, with these settings (a chunk that skipped bad input is redone
+        # under --strict, which must stop at it)
+        if (done["sha256"] == digest and done["tokenizer"] == tok_hash and done["input"] == path
+                and done.get("text_field") == spec.text_field and not (spec.strict and any(done["bad"].values()))):
+            if (done.get("bytes"), done.get("mtime_ns")) != (st.st_size, st.st_mtime_ns):
+                done |= {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+                atomic_write(report_path, json.dumps(done))
             return done
     tok = _tokenizer_in_worker(tokenizer_path)
     _, bos, eos = special_ids(tok)
@@ -233,9 +325,9 @@ def _tokenize_file(index: int, path: str, spec: BuildSpec, tokenizer_path: str, 
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
     _save_array(chunks / f"{index:07d}.tok", tokens)
     _save_array(chunks / f"{index:07d}.idx", offsets)
-    result = {"index": index, "input": path, "sha256": digest, "tokenizer": tok_hash,
-              "documents": report.documents, "tokens": int(tokens.size), "bad": report.bad,
-              "examples": report.examples}
+    result = {"index": index, "input": path, "sha256": digest, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+              "tokenizer": tok_hash, "text_field": spec.text_field, "documents": report.documents,
+              "tokens": int(tokens.size), "bad": report.bad, "examples": report.examples}
     atomic_write(report_path, json.dumps(result))
     return result
 
@@ -246,6 +338,7 @@ class _Chunk:
     sha256: str
     documents: int
     tokens: int
+    tokenizer: str = ""
 
 
 def _plan_shards(chunks: list[_Chunk], spec: BuildSpec) -> dict[str, int]:
@@ -261,13 +354,15 @@ def _shard_of(keys: np.ndarray, n_shards: int) -> np.ndarray:
 
 
 def _write_shard(split: str, shard: int, n_shards: int, chunks: list[_Chunk], spec: BuildSpec,
-                 vocab: int) -> dict:
+                 vocab: int, made_from: str) -> dict:
     """Stage 2 for one output shard: gather its documents from every chunk, in key order."""
     out = Path(spec.out) / split
     name = f"shard-{shard:05d}"
     meta_path = out / f"{name}.json"
-    if meta_path.exists():
-        return json.loads(meta_path.read_text())
+    if meta_path.exists():  # done, unless by an interrupted build of other inputs or settings
+        meta = json.loads(meta_path.read_text())
+        if meta.get("made_from") == made_from:
+            return meta
     dtype = _dtype_for(vocab)
     picked = []  # (keys, chunk index, doc starts, doc ends)
     for c in chunks:
@@ -300,9 +395,17 @@ def _write_shard(split: str, shard: int, n_shards: int, chunks: list[_Chunk], sp
     _save_array(out / f"{name}.len", lengths.astype(np.int64))
     _save_array(out / f"{name}.unigram", np.bincount(tokens, minlength=vocab).astype(np.int64))
     meta = {"name": name, "documents": int(lengths.size), "tokens": int(tokens.size),
-            "sha256": hashlib.sha256(tokens.tobytes()).hexdigest()}
+            "sha256": hashlib.sha256(tokens.tobytes()).hexdigest(), "made_from": made_from}
     atomic_write(meta_path, json.dumps(meta))
     return meta
+
+
+def _shard_source(chunks: list[_Chunk], spec: BuildSpec, n_shards: int, vocab: int) -> str:
+    """What a shard is made from (every chunk's content and tokenizer, the split settings): a shard written by
+    an interrupted build of other inputs is redone, never reused."""
+    record = [[(c.index, c.sha256, c.documents, c.tokens, c.tokenizer) for c in chunks],
+              spec.heldout_fraction, n_shards, vocab]
+    return hashlib.sha256(json.dumps(record).encode()).hexdigest()[:16]
 
 
 def _run(fn: Callable, jobs: list[tuple], n_procs: int, desc: str, progress: bool) -> list:
@@ -338,7 +441,7 @@ def _prepare_tokenizer(spec: BuildSpec, files: list[Path], log: Callable[[str], 
         return target
     texts = []
     for path in files:
-        docs = list(read_documents(path, spec.text_field, FileReport(), strict=False))
+        docs = list(read_documents(path, spec.text_field, FileReport(), strict=spec.strict))
         held = heldout_mask(document_keys(file_hash(path), len(docs)), spec.heldout_fraction)
         texts.extend(d for d, h in zip(docs, held, strict=True) if not h)
     tok = train_bpe(texts, spec.vocab_size)
@@ -348,14 +451,24 @@ def _prepare_tokenizer(spec: BuildSpec, files: list[Path], log: Callable[[str], 
 
 
 def build_store(spec: BuildSpec, *, stage: str = "all", worker: int = 0, workers: int = 1, jobs: int = 1,
-                progress: bool = True, log: Callable[[str], None] = print) -> Path:
-    """Build (or finish building) the store `spec.out`; see the module docstring for the stages."""
+                progress: bool = True, log: Callable[[str], None] = print, force: bool = False) -> Path:
+    """Build (or finish building) the store `spec.out`; see the module docstring for the stages.
+
+    Into a complete store: the same inputs and settings are a no-op that says so; others are refused with the
+    difference (DataError, exit 4), or with `force` built next to it and swapped in."""
     out = Path(spec.out)
+    if force and out.exists():
+        return _rebuild_and_swap(spec, stage=stage, workers=workers, jobs=jobs, progress=progress, log=log)
     if (out / "manifest.json").exists():
-        manifest = json.loads((out / "manifest.json").read_text())
-        if manifest.get("build") != _spec_record(spec):
-            raise DataError(f"{out} already holds a complete store built with different settings; "
-                            f"use another --out or delete it")
+        files = expand_inputs(spec.inputs)
+        difference, touched = store_difference(spec, read_manifest(out), files)
+        if difference:
+            raise DataError(f"{out} already holds a store built from other inputs or settings:\n  "
+                            + "\n  ".join(difference)
+                            + "\nrebuild it with --force (built next to it, then swapped in), or use another --out")
+        log(f"data build: {out} is up to date: the same {len(files)} input files"
+            + (f" ({touched} touched, re-hashed: same content)" if touched else "")
+            + " and settings as its manifest; nothing to do (--force rebuilds it)")
         return out
     # Mistakes in the command line are config errors (exit 2) naming the flag; problems of the data, exit 4.
     if not 0 <= worker < workers:
@@ -368,42 +481,134 @@ def build_store(spec: BuildSpec, *, stage: str = "all", worker: int = 0, workers
     files = expand_inputs(spec.inputs)
     tokenizer_path = _prepare_tokenizer(spec, files, log)
     tok = load_tokenizer(tokenizer_path, what="store tokenizer", error=DataError)
+    tok_hash = tokenizer_hash(tok)
     _chunk_dir(out).mkdir(parents=True, exist_ok=True)
     if stage in ("tokenize", "all"):
-        tok_hash = tokenizer_hash(tok)
         mine = [(i, str(f), spec, str(tokenizer_path), tok_hash) for i, f in enumerate(files) if i % workers == worker]
         _run(_tokenize_file, mine, jobs, "tokenize", progress)
         if stage == "tokenize":
             return out
-    reports = _chunk_reports(out, len(files))
-    chunks = [_Chunk(r["index"], r["sha256"], r["documents"], r["tokens"]) for r in reports]
+    reports = _chunk_reports(out, files, spec, tok_hash)
+    chunks = [_Chunk(r["index"], r["sha256"], r["documents"], r["tokens"], r["tokenizer"]) for r in reports]
     vocab = tok.get_vocab_size()
     plan = _plan_shards(chunks, spec)
+    made_from = {split: _shard_source(chunks, spec, n, vocab) for split, n in plan.items()}
     if stage in ("shard", "all"):
-        units = [(split, s, n, chunks, spec, vocab) for split, n in plan.items() for s in range(n)]
+        units = [(split, s, n, chunks, spec, vocab, made_from[split]) for split, n in plan.items() for s in range(n)]
         _run(_write_shard, [u for i, u in enumerate(units) if i % workers == worker], jobs, "shard", progress)
         if stage == "shard":
             return out
-    _merge(out, spec, reports, plan, tok, log)
+    _merge(out, spec, reports, plan, made_from, tok, log)
     return out
 
 
-def _chunk_reports(out: Path, n_files: int) -> list[dict]:
+# ------------------------------------------------------------------------------------- rebuilding a store
+
+
+def store_difference(spec: BuildSpec, manifest: dict, files: list[Path]) -> tuple[list[str], int]:
+    """How building `spec` from `files` differs from the store of `manifest`: (lines naming each difference, empty
+    when there is none; how many files had to be re-hashed). An input whose size and mtime match the manifest's
+    record is taken as unchanged without reading it; one whose mtime alone changed is re-hashed (and counted
+    in the second value when its content is the same)."""
+    lines = []
+    old_build, new_build = manifest.get("build", {}), _spec_record(spec)
+    for key in sorted(set(old_build) | set(new_build)):
+        if old_build.get(key) != new_build.get(key):
+            lines.append(f"setting {key}: {_setting(key, old_build.get(key))} -> {_setting(key, new_build.get(key))}")
+    if spec.tokenizer:
+        wanted = tokenizer_hash(load_tokenizer(spec.tokenizer, what="--tokenizer"))
+        if wanted != manifest["tokenizer"]["sha256"]:
+            lines.append(f"tokenizer: {manifest['tokenizer']['sha256']} -> {wanted} ({spec.tokenizer})")
+    recorded = manifest.get("inputs", {}).get("by_file")
+    if recorded is None:
+        lines.append("inputs: the manifest does not list its input files (a store written before keel recorded "
+                     "them, or by write_store), so keel cannot tell whether they are the same")
+        return lines, 0
+    now = {str(f): f for f in files}
+    added = sorted(set(now) - set(recorded))
+    removed = sorted(set(recorded) - set(now))
+    changed, touched = [], 0
+    for name in sorted(set(now) & set(recorded)):
+        old, st = recorded[name], now[name].stat()
+        if old.get("bytes") != st.st_size:
+            changed.append(name)
+        elif old.get("mtime_ns") != st.st_mtime_ns:
+            if file_hash(now[name]) != old["sha256"]:
+                changed.append(name)
+            else:
+                touched += 1
+    for what, names in (("added", added), ("removed", removed), ("changed", changed)):
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            lines.append(f"{what} {len(names)} input file{'s' if len(names) > 1 else ''}: {shown}")
+    return lines, touched
+
+
+def _setting(key: str, value: object) -> str:
+    return "(a given --tokenizer)" if key == "vocab_size" and value is None else repr(value)
+
+
+def _rebuild_and_swap(spec: BuildSpec, *, stage: str, workers: int, jobs: int, progress: bool,
+                      log: Callable[[str], None]) -> Path:
+    """--force: build the store in a fresh sibling directory, then exchange it with the old one in one step and
+    delete the old one. Until the exchange, readers see the old store; after it, the new one (a process that
+    has the old shards mapped keeps reading them)."""
+    out = Path(spec.out)
+    if stage != "all" or workers != 1:
+        raise ConfigError("--force rebuilds on one machine (--stage all, --workers 1); for a multi-machine build, "
+                          "build into a new --out and switch your configs to it")
+    staging = out.with_name(f".{out.name}.rebuild")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        build_store(replace(spec, out=str(staging)), jobs=jobs, progress=progress, log=log)
+    except BaseException:  # the old store stays as it was, and nothing is left beside it
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    swap_directories(staging, out)
+    shutil.rmtree(staging, ignore_errors=True)  # now the old store
+    log(f"data build: {out}: rebuilt (--force) in {staging} and swapped in; the previous store is deleted")
+    return out
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def swap_directories(a: Path, b: Path) -> None:
+    """Exchange the names of two directories on one filesystem. Linux renameat2(RENAME_EXCHANGE) does it in one
+    atomic step; where the C library or the filesystem lacks it (macOS, NFS), three renames leave `b` missing
+    for a moment."""
+    rename2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename2 is not None:
+        rename2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        if rename2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+            return
+    aside = b.with_name(f".{b.name}.swap")
+    shutil.rmtree(aside, ignore_errors=True)
+    b.rename(aside)
+    a.rename(b)
+    aside.rename(a)
+
+
+def _chunk_reports(out: Path, files: list[Path], spec: BuildSpec, tok_hash: str) -> list[dict]:
+    """Every input file's chunk report; one missing, or made from another file, tokenizer or text field (an
+    interrupted build of other inputs), is a DataError."""
     reports, missing = [], []
-    for i in range(n_files):
+    for i, f in enumerate(files):
         p = _chunk_dir(out) / f"{i:07d}.json"
-        if p.exists():
-            reports.append(json.loads(p.read_text()))
+        r = json.loads(p.read_text()) if p.exists() else {}
+        if (r.get("input"), r.get("tokenizer"), r.get("text_field")) == (str(f), tok_hash, spec.text_field):
+            reports.append(r)
         else:
             missing.append(i)
     if missing:
-        raise DataError(f"{out}: {len(missing)} of {n_files} input files are not tokenized yet (e.g. file "
-                        f"#{missing[0]}); run the tokenize stage for every worker first")
+        raise DataError(f"{out}: {len(missing)} of {len(files)} input files are not tokenized yet for these "
+                        f"inputs (e.g. file #{missing[0]}: {files[missing[0]]}); run the tokenize stage for "
+                        f"every worker first")
     return reports
 
 
-def _merge(out: Path, spec: BuildSpec, reports: list[dict], plan: dict[str, int], tok: Tokenizer,
-           log: Callable[[str], None]) -> None:
+def _merge(out: Path, spec: BuildSpec, reports: list[dict], plan: dict[str, int], made_from: dict[str, str],
+           tok: Tokenizer, log: Callable[[str], None]) -> None:
     splits = {}
     for split, n in plan.items():
         if not n:
@@ -411,24 +616,29 @@ def _merge(out: Path, spec: BuildSpec, reports: list[dict], plan: dict[str, int]
         metas = []
         for s in range(n):
             p = out / split / f"shard-{s:05d}.json"
-            if not p.exists():
-                raise DataError(f"{out}: {split} shard {s} is not written yet; run the shard stage for every worker")
-            metas.append(json.loads(p.read_text()))
+            meta = json.loads(p.read_text()) if p.exists() else {}
+            if meta.get("made_from") != made_from[split]:
+                raise DataError(f"{out}: {split} shard {s} is not written yet for these inputs; run the shard stage "
+                                f"for every worker")
+            metas.append(meta)
         lengths = np.concatenate([np.fromfile(out / split / f"{m['name']}.len", np.int64) for m in metas])
-        _save_array(out / split / "offsets.bin", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         unigram = sum(np.fromfile(out / split / f"{m['name']}.unigram", np.int64) for m in metas)
-        _save_array(out / split / "unigram.bin", unigram)
         splits[split] = {"documents": int(lengths.size), "tokens": int(lengths.sum()),
-                         "shards": [{k: m[k] for k in ("name", "documents", "tokens", "sha256")} for m in metas]}
+                         "shards": [{k: m[k] for k in ("name", "documents", "tokens", "sha256")} for m in metas],
+                         "index": _save_index(out / split, offsets, unigram)}
     bad = {r["input"]: {k: v for k, v in r["bad"].items() if v} for r in reports if any(r["bad"].values())}
     inputs = {"files": len(reports), "documents": sum(r["documents"] for r in reports),
-              "bad": {k: sum(r["bad"][k] for r in reports) for k in BAD_KINDS}, "bad_by_file": bad}
+              "bad": {k: sum(r["bad"].get(k, 0) for r in reports) for k in BAD_KINDS}, "bad_by_file": bad,
+              "by_file": {r["input"]: {"sha256": r["sha256"], "bytes": r.get("bytes"), "mtime_ns": r.get("mtime_ns"),
+                                       "documents": r["documents"]} for r in reports}}
     manifest = _write_manifest(out, tok, splits, inputs, _spec_record(spec))
     content = manifest["fingerprint"]
     shutil.rmtree(out / "build", ignore_errors=True)
-    for split in splits:
-        for suffix in ("len", "unigram"):
-            for p in (out / split).glob(f"shard-*.{suffix}"):
+    for split in SPLITS:  # the stage files, and shards an interrupted build of other inputs left beyond the plan
+        kept = {m["name"] for m in splits[split]["shards"]} if split in splits else set()
+        for p in (out / split).glob("shard-*"):
+            if p.suffix in (".len", ".unigram") or p.name.split(".")[0] not in kept:
                 p.unlink()
     total_bad = sum(manifest["inputs"]["bad"].values())
     log(f"data build: {out}: {manifest['inputs']['documents']:,} documents from {len(reports)} files, "
@@ -443,6 +653,16 @@ def _merge(out: Path, spec: BuildSpec, reports: list[dict], plan: dict[str, int]
 
 
 # ----------------------------------------------------------------------------------------------- manifest
+
+
+def _save_index(root: Path, offsets: np.ndarray, unigram: np.ndarray) -> dict[str, str]:
+    """A split's offsets.bin and unigram.bin, and their sha256 for the manifest (`keel data verify` checks them;
+    the store's fingerprint stays the tokenizer and the shards, which determine them)."""
+    hashes = {}
+    for name, arr in (("offsets.bin", offsets), ("unigram.bin", unigram)):
+        _save_array(root / name, arr)
+        hashes[name] = hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+    return hashes
 
 
 def _spec_record(spec: BuildSpec) -> dict:
@@ -480,11 +700,11 @@ def write_store(out: str | Path, documents: dict[str, Sequence[np.ndarray]], *, 
         lengths = np.array([len(d) for d in docs], dtype=np.int64)
         tokens = np.concatenate(docs).astype(dtype) if len(docs) else np.empty(0, dtype)
         _save_array(root / "shard-00000.tok", tokens)
-        _save_array(root / "offsets.bin", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-        _save_array(root / "unigram.bin", np.bincount(tokens, minlength=vocab_size).astype(np.int64))
+        index = _save_index(root, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                            np.bincount(tokens, minlength=vocab_size).astype(np.int64))
         splits[split] = {"documents": len(docs), "tokens": int(tokens.size), "shards": [
             {"name": "shard-00000", "documents": len(docs), "tokens": int(tokens.size),
-             "sha256": hashlib.sha256(tokens.tobytes()).hexdigest()}]}
+             "sha256": hashlib.sha256(tokens.tobytes()).hexdigest()}], "index": index}
     if tokenizer is None:
         names = {i: f"t{i}" for i in range(vocab_size)} | {pad: PAD, bos: BOS, eos: EOS}
         tokenizer = Tokenizer(models.WordLevel({v: k for k, v in names.items()}, unk_token=PAD))

@@ -1,4 +1,5 @@
-"""`keel data build | inspect | stats`: the command line over `keel.data.build`, `prepare` and `inspect`."""
+"""`keel data build | verify | inspect | stats`: the command line over `keel.data.build`, `verify`, `prepare` and
+`inspect`."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     b = dsub.add_parser("build", help="tokenize text/jsonl/parquet files into a token store",
                         description="Tokenize input files into a token store (docs/data-format.md). Rerunning the "
-                                    "same command finishes an interrupted build.")
+                                    "same command finishes an interrupted build, or says the store is up to date. "
+                                    "Into a store of other inputs or settings: refused with the difference "
+                                    "(exit 4) unless --force.")
     b.add_argument("inputs", nargs="+", help="globs of .txt (any other suffix: one document per file), "
                                              ".jsonl, .jsonl.gz, .jsonl.zst, .parquet")
     b.add_argument("--out", required=True, help="the store directory")
@@ -33,7 +36,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--stage", choices=["all", "tokenize", "shard", "merge"], default="all",
                    help="multi-machine builds: tokenize (every worker), shard (every worker), merge (once)")
     b.add_argument("--strict", action="store_true", help="any bad input is an error naming the file and line")
+    b.add_argument("--force", action="store_true",
+                   help="--out holds a store of other inputs or settings: build the new one next to it and swap it "
+                        "in (one rename); the old one is deleted")
     b.add_argument("--no-progress", action="store_true")
+
+    v = dsub.add_parser("verify", help="check every file of a token store against its manifest's sha256",
+                        description="Re-read every shard (and index file) of a token store and compare its sha256 "
+                                    "with the manifest's, whatever was verified before. Exit 4 if any differs.")
+    v.add_argument("store", help="the store directory")
+    v.add_argument("--jobs", type=int, default=0, help="hashing threads (default: one per core, up to 8)")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
 
     for name, helptext in (("inspect", "print every row of the global batch at a step"),
                            ("stats", "per-source tokens, documents, sequences and epochs consumed by a step")):
@@ -50,7 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"build": _build, "inspect": _inspect, "stats": _stats}[args.data_command](args)
+    return {"build": _build, "verify": _verify, "inspect": _inspect, "stats": _stats}[args.data_command](args)
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -60,7 +73,47 @@ def _build(args: argparse.Namespace) -> int:
                      text_field=args.text_field, heldout_fraction=args.heldout_fraction,
                      shard_tokens=args.shard_tokens, strict=args.strict)
     build_store(spec, stage=args.stage, worker=args.worker, workers=args.workers, jobs=args.jobs,
-                progress=not args.no_progress)
+                progress=not args.no_progress, force=args.force)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """A table of every file; a mismatch is then raised as the DataError naming each file (exit 4)."""
+    import time
+
+    from keel.data.store import read_manifest
+    from keel.data.verify import mismatch_error, unhashed_files, verify_store
+
+    root = Path(args.store)
+    manifest = read_manifest(root)
+    t0 = time.perf_counter()
+    checks = verify_store(root, manifest, jobs=args.jobs)
+    dt = time.perf_counter() - t0
+    mb = sum(max(0, c.size) for c in checks) / 1e6
+    unhashed = unhashed_files(manifest)
+    if args.json:
+        print(json.dumps({"store": str(root), "ok": all(c.ok for c in checks), "seconds": dt, "mb": mb,
+                          "unhashed": unhashed,
+                          "files": [{"file": c.expected.file, "split": c.expected.split, "bytes": c.size,
+                                     "expected": c.expected.sha256, "actual": c.actual, "ok": c.ok} for c in checks]},
+                         indent=1))
+    else:
+        head = ("split", "file", "bytes", "sha256 (manifest)", "status")
+        table = [head] + [(c.expected.split, c.expected.file, f"{c.size:,}" if c.size >= 0 else "-",
+                           c.expected.sha256[:16] + "…", c.status) for c in checks]
+        widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+        for row in table:
+            print("  ".join(c.rjust(w) if i == 2 else c.ljust(w)
+                            for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip())
+        if unhashed:
+            print(f"not checked (the manifest has no hash for them: built before keel recorded them): "
+                  f"{', '.join(unhashed)}")
+        bad = sum(not c.ok for c in checks)
+        print(f"{root}: {len(checks)} files, {mb:,.1f} MB in {dt:.2f}s"
+              + (f" ({mb / dt:,.0f} MB/s)" if dt > 0 and mb > 1 else "") + ": "
+              + (f"{bad} do not match the manifest" if bad else "all match the manifest"))
+    if (error := mismatch_error(root, checks)) is not None:
+        raise error
     return 0
 
 

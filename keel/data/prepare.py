@@ -1,5 +1,7 @@
 """Preparing a run's data: resolve the config's sources, build the corpus store on first use, open the stores,
-check the tokenizer against the config, and hand back a `DataSource` that only serves batches.
+verify their files against their manifests (`keel.data.verify`: hashed once per content, recorded under
+`data.cache_dir` or run_dir/data), check the tokenizer against the config, and hand back a `DataSource` that
+only serves batches.
 
 Errors keep their kind: a setting that points at nothing or does not fit (a corpus glob matching no files, a
 tokenizer larger than the model's vocabulary) is a ConfigError (exit 2); a store that is damaged or incomplete
@@ -24,18 +26,22 @@ from keel.data.corpus import stdlib_files
 from keel.data.loader import DataSource, Source
 from keel.data.store import TokenStore
 from keel.data.tokenizer import load_tokenizer, tokenizer_hash
+from keel.data.verify import check_store
 from keel.errors import ConfigError
 
 
 def prepare_data(cfg: Config, run_dir: Path, *, log: Callable[[str], None] = print, progress: bool = False,
                  host: int = 0) -> DataSource:
     """The run's `DataSource`. Without data.sources, host 0 builds the corpus store if it is not cached yet
-    (the other hosts wait for it); a given data.tokenizer is checked before any build starts."""
+    (the other hosts wait for it); a given data.tokenizer is checked before any build starts. Every store's
+    files are verified against its manifest (every host checks what it reads): a mismatch is a DataError."""
     d = cfg.data
     wanted = load_tokenizer(d.tokenizer) if d.tokenizer else None
     if wanted is not None:
         _check_vocab(cfg, wanted, f"data.tokenizer={d.tokenizer!r}")
     sources = open_sources(cfg, Path(run_dir), log=log, progress=progress, builder=host == 0)
+    for store in {s.store.path: s.store for s in sources}.values():  # before anything is trained on them
+        check_store(store.path, store.manifest, Path(d.cache_dir or Path(run_dir) / "data"), log=log)
     first = sources[0].store
     if wanted is not None and tokenizer_hash(wanted) != first.manifest["tokenizer"]["sha256"]:
         raise ConfigError(f"data.tokenizer={d.tokenizer!r} is not the tokenizer the stores were built with "

@@ -2,7 +2,8 @@
 the shards are memory-mapped, and a batch of windows from many sources and shards is one numpy gather.
 
 Every read is bounds-checked against the manifest's sizes: a window index outside a split is an IndexError
-naming the split and the window, never a read of memory outside the maps.
+naming the split and the window, never a read of memory outside the maps. Opening checks sizes, not contents:
+`keel.data.verify` compares every file with the manifest's sha256 (`prepare_data` does before a run trains).
 """
 
 from __future__ import annotations
@@ -161,23 +162,30 @@ class TokenSpace:
         return tokens, first
 
 
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of the store at `path`; a missing, unreadable or foreign one is a DataError saying why."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.exists():
+        hint = ("an interrupted build: rerun the same keel data build command to finish it"
+                if (path / "build").exists() else "build one with keel data build")
+        raise DataError(f"{path} is not a complete token store (no manifest.json): {hint}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{manifest_path} is not valid JSON ({e}); rebuild the store") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise DataError(f"{manifest_path}: not a {FORMAT} v{VERSION} manifest")
+    return manifest
+
+
 class TokenStore:
     """An opened store: manifest, tokenizer and memory-mapped splits. Any mismatch with the manifest is a
     DataError naming the file."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        manifest_path = self.path / "manifest.json"
-        if not manifest_path.exists():
-            hint = ("an interrupted build: rerun the same keel data build command to finish it"
-                    if (self.path / "build").exists() else "build one with keel data build")
-            raise DataError(f"{self.path} is not a complete token store (no manifest.json): {hint}")
-        try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{manifest_path} is not valid JSON ({e}); rebuild the store") from e
-        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
-            raise DataError(f"{manifest_path}: not a {FORMAT} v{VERSION} manifest")
+        self.manifest = read_manifest(self.path)
         self.fingerprint: str = self.manifest["fingerprint"]
         self.dtype = np.dtype(self.manifest["dtype"])
         tk = self.manifest["tokenizer"]
