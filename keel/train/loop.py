@@ -287,8 +287,9 @@ class Trainer:
                 seconds = run.compile(state, self.data.host_batch(steps[0], host, n_hosts), self.events)
             self.log(f"compiled the train step in {seconds:.1f}s")
         if len(steps) < self.plan.stop - done:
-            self.log(f"data: skipping {self.plan.stop - done - len(steps)} step(s) in "
-                     f"data.skip_steps={list(self.cfg.data.skip_steps)}")
+            ranges = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in self.plan.skip.ranges)
+            self.log(f"data: skipping {self.plan.stop - done - len(steps)} step(s) of the skip list [{ranges}] "
+                     f"(data.skip_steps and the run's decisions in {self.run_dir}/skip_decisions.jsonl)")
         self.stopper.stop_if_signalled("compilation")
         prefetch = Prefetcher(self.data, steps, host, n_hosts, depth=self.cfg.data.prefetch)
         reason = None
