@@ -26,6 +26,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=10)
     p.add_argument("--steps", type=int, default=500, help="train.steps (default: the default run's 500)")
+    p.add_argument("--every", type=int, default=25, help="checkpoint.every (kills come within 2x of it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/chaos")
     p.add_argument("overrides", nargs="*", help="config overrides for both runs")
@@ -37,11 +38,11 @@ def main() -> int:
 
     out = Path(a.out).resolve()
     chaos_dir = out / "chaos"
-    args = [f"run_dir={chaos_dir}", f"train.steps={a.steps}", "spike.policy=rewind", "train.hang_floor_s=10",
-            *a.overrides]
+    args = [f"run_dir={chaos_dir}", f"train.steps={a.steps}", f"checkpoint.every={a.every}", "spike.policy=rewind",
+            "train.hang_floor_s=10", *a.overrides]
     hang_at, spike_at = int(a.steps * 0.3), int(a.steps * 0.6) + 1
     report = run_chaos(args, chaos_dir, kills=a.kills, steps=a.steps, seed=a.seed, hang_at=hang_at,
-                       spike_at=spike_at, corrupt_at_kill=a.kills // 3, say=print)
+                       spike_at=spike_at, corrupt_at_kill=a.kills // 3, max_gap_steps=2 * a.every, say=print)
     print(f"chaos run: exit {report.returncode} in {report.wall_s:.1f} s")
     if report.returncode != 0:
         print(report.log[-3000:])

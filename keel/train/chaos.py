@@ -88,9 +88,11 @@ def _corrupt(step_dir: Path) -> None:
 
 def run_chaos(train_args: Sequence[str], run_dir: Path, *, kills: int, steps: int, seed: int = 0,
               hang_at: int | None = None, spike_at: int | None = None, corrupt_at_kill: int | None = None,
-              timeout_s: float = 1800, say: Callable[[str], None] = lambda s: None) -> ChaosReport:
+              max_gap_steps: int = 12, timeout_s: float = 1800, say: Callable[[str], None] = lambda s: None
+              ) -> ChaosReport:
     """Train `train_args` (which must set run_dir=`run_dir`, `train.steps`=`steps`) under the faults above.
-    `corrupt_at_kill`: the index of the kill after which the latest checkpoint is corrupted (None: never)."""
+    `corrupt_at_kill`: the index of the kill after which the latest checkpoint is corrupted (None: never);
+    `max_gap_steps`: a kill between steps comes 1 to this many steps into a process's training."""
     rng = random.Random(seed)
     inject = ",".join([f"hang@{hang_at}"] * (hang_at is not None) + [f"spike@{spike_at}"] * (spike_at is not None))
     env = {**os.environ, "KEEL_INJECT": inject}
@@ -105,7 +107,7 @@ def run_chaos(train_args: Sequence[str], run_dir: Path, *, kills: int, steps: in
         try:
             while len(report.kills) < kills and proc.poll() is None and time.monotonic() - t0 < timeout_s:
                 kind = rng.choice(KILL_KINDS)
-                kill = _kill_once(run_dir, proc.pid, kind, rng, steps)
+                kill = _kill_once(run_dir, proc.pid, kind, rng, steps, max_gap_steps)
                 if kill is None:
                     continue
                 report.kills.append(kill)
@@ -123,7 +125,7 @@ def run_chaos(train_args: Sequence[str], run_dir: Path, *, kills: int, steps: in
     return report
 
 
-def _kill_once(run_dir: Path, supervisor: int, kind: str, rng: random.Random, steps: int
+def _kill_once(run_dir: Path, supervisor: int, kind: str, rng: random.Random, steps: int, max_gap: int
                ) -> dict[str, Any] | None:
     """Wait for a moment of `kind` in the current training process and SIGKILL it; None if the run ended."""
     deadline = time.monotonic() + 300
@@ -140,7 +142,7 @@ def _kill_once(run_dir: Path, supervisor: int, kind: str, rng: random.Random, st
     if kind == "startup":
         time.sleep(rng.uniform(0.0, 2.0))
     else:
-        want = rng.randint(1, 12) if kind == "step" else 1
+        want = rng.randint(1, max_gap) if kind == "step" else 1
         got = 0
         while got < want and time.monotonic() < deadline:
             time.sleep(0.02)
