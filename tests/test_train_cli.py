@@ -15,7 +15,7 @@ import pytest
 
 from keel.cli import main
 from keel.config import load_config
-from keel.errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_PREEMPTED
+from keel.errors import EXIT_CONFIG, EXIT_PREEMPTED
 from keel.train.checkpoint import load_params
 from keel.train.events import EventLog, read_events
 
@@ -136,6 +136,8 @@ def test_skipping_the_last_steps_still_ends_the_run(tiny_args):
 
 
 def test_corrupt_checkpoint_names_the_path_and_keeps_it(tiny_args, capsys):
+    """A corrupt latest checkpoint no longer stops the run: it is moved aside (kept, and named in the output and
+    the events) and the run resumes from the checkpoint before it (tests/test_checkpoint_recovery.py: the rest)."""
     assert _train(tiny_args, "train.stop_at=4") == 0
     run = _run_dir(tiny_args)
     latest = run / "checkpoints" / "4"
@@ -143,12 +145,18 @@ def test_corrupt_checkpoint_names_the_path_and_keeps_it(tiny_args, capsys):
         if f.is_file() and f.stat().st_size > 0 and "state" in str(f) and not f.name.startswith("_"):
             f.write_bytes(b"\0garbage" * 3)
     capsys.readouterr()
-    assert _train(tiny_args) == EXIT_CHECKPOINT
-    err = capsys.readouterr().err
-    assert str(latest) in err and "resume from step 2" in err
-    failure = read_events(run / "events" / "host0000.jsonl")[-1]
-    assert (failure["kind"], failure["reason"], failure["attempt"]) == ("failure", "checkpoint_error", 2)
-    assert latest.exists() and (run / "checkpoints" / "2").exists()
+    assert _train(tiny_args) == 0
+    out = capsys.readouterr().out
+    [kept] = (run / "checkpoints_aside").iterdir()
+    assert kept.name.startswith("4-")  # kept as it was found
+    assert any(f.is_file() and f.read_bytes() == b"\0garbage" * 3 for f in kept.rglob("*"))
+    assert f"moved it to {kept}" in out and "resumed from checkpoint at step 2" in out
+    events = read_events(run / "events" / "host0000.jsonl")
+    fallback = next(e for e in events if e["kind"] == "checkpoint_fallback")
+    assert (fallback["step"], fallback["moved_to"], fallback["attempt"]) == (4, str(kept), 2)
+    restore = next(e for e in events if e["kind"] == "checkpoint_restore")
+    assert (restore["step"], restore["skipped"]) == (2, [4])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4", "6"]  # 4 trained again
 
 
 def test_dry_run_counts_rnj1_through_the_console_entry_point():

@@ -56,19 +56,34 @@ def data_differences(saved_meta: dict[str, Any], meta: dict[str, Any], plan: Ste
 
 def restore_or_init(run: Run, ckpt: Checkpointer, meta: dict[str, Any], plan: StepPlan, events: EventLog,
                     allow_config_change: bool, log: Callable[[str], None]) -> TrainState:
-    """The latest checkpoint's state if there is one (after the data checks), else a fresh state."""
-    latest = ckpt.latest_step()
-    if latest is None:
+    """The latest usable checkpoint's state if there is one (after the data checks), else a fresh state.
+
+    A checkpoint that is incomplete, corrupt or cannot be restored is set aside (checkpoints_aside/, never
+    deleted) and the one before it is tried (keel/train/checkpoint.py); the `checkpoint_restore` span names the
+    step restored and the steps `skipped`."""
+    if not ckpt.has_any():
         with events.span("init"):
             return run.init()
-    with events.span("checkpoint_restore", step=latest):
-        state, saved_meta = ckpt.restore(latest, run.restore_target())
-    diffs = data_differences(saved_meta, meta, plan, latest)
+    with events.span("checkpoint_restore") as span:
+        aside = ckpt.set_aside_uncommitted()
+        restored = ckpt.restore_latest(run.restore_target())
+        aside += restored.set_aside if restored else ()
+        span.update(step=restored.step if restored else None, skipped=[a.step for a in aside],
+                    verified=restored.verified if restored else None)
+    for a in aside:
+        log(f"checkpoint {a.step} is {a.reason} ({a.error}); moved it to {a.moved_to}")
+    if restored is None:  # only the remains of saves that never committed: nothing was lost, start afresh
+        with events.span("init"):
+            return run.init()
+    for note in restored.notes:
+        log(note)
+    diffs = data_differences(restored.meta, meta, plan, restored.step)
     if diffs:
-        message = (f"checkpoint {latest} in {ckpt.directory.parent} was trained on other data; resuming would "
-                   f"change what the model saw:\n  " + "\n  ".join(diffs))
+        message = (f"checkpoint {restored.step} in {ckpt.directory.parent} was trained on other data; resuming "
+                   f"would change what the model saw:\n  " + "\n  ".join(diffs))
         if not allow_config_change:
             raise ConfigError(message + RETRY)
         log(message + "\n(--allow-config-change: continuing with the new data order)")
-    log(f"resumed from checkpoint at step {latest}")
-    return state
+    log(f"resumed from checkpoint at step {restored.step}"
+        + (f" (set aside: {', '.join(str(a.step) for a in aside)})" if aside else ""))
+    return restored.state
