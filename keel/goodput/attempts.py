@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from keel.train.events import read_events
+from keel.train.events import ending, read_events
 
 Event = dict[str, Any]
 
@@ -39,18 +39,6 @@ def seconds(e: Event, key: str) -> float:
     """A time field of an event (`duration_s`, `data_wait_s`, ...), 0 where it is missing or not a number."""
     v = e.get(key)
     return float(v) if _is_number(v) else 0.0
-
-
-def closing_label(e: Event) -> str:
-    """The ending a closing event names: an `end`'s reason, "signal" (preempted), a failure's reason, "rewind"."""
-    kind = e["kind"]
-    if kind == "end":
-        return str(e.get("reason", "done"))
-    if kind == "preempted":
-        return "signal"
-    if kind == "failure":
-        return str(e.get("reason", "crash"))
-    return kind
 
 
 @dataclass(frozen=True)
@@ -106,13 +94,8 @@ class Attempt:
 
 def _host_ending(events: list[Event]) -> tuple[float, str] | None:
     """(when, how) one host's attempt ended, or None without a closing event or a supervisor's record."""
-    closing = [e for e in events if e["kind"] in CLOSING]
-    if closing:
-        return closing[-1]["t_wall"], closing_label(closing[-1])
-    exits = [e for e in events if e["kind"] == "child_exit"]
-    if exits:
-        return exits[-1]["t_wall"], str(exits[-1].get("ending", "killed"))
-    return None
+    closing = [e for e in events if e["kind"] in CLOSING] or [e for e in events if e["kind"] == "child_exit"]
+    return (closing[-1]["t_wall"], ending(closing[-1])) if closing else None
 
 
 def attempts_of(events: list[Event]) -> list[Attempt]:

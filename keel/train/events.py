@@ -40,21 +40,8 @@ class EventLog:
         self._base = {"host": host, "pid": os.getpid(), "hostname": socket.gethostname(), "attempt": self.attempt}
 
     def previous_ending(self) -> str:
-        """How the previous attempt ended, from its last event: "done", "stop_at", "signal", a failure's reason,
-        or "killed" (its last line is an ordinary one: SIGKILL, OOM, a machine lost, a hang killed from outside)."""
-        last = self.previous or {}
-        kind = last.get("kind")
-        if kind == "end":
-            return str(last.get("reason", "done"))
-        if kind == "preempted":
-            return "signal"
-        if kind == "failure":
-            return str(last.get("reason", "crash"))
-        if kind == "rewind":
-            return "rewind"
-        if kind == "child_exit":  # the supervisor's record of how its child ended (keel/train/supervise.py)
-            return str(last.get("ending", "killed"))
-        return "killed"
+        """How the previous attempt ended, from its last event (see `ending`)."""
+        return ending(self.previous or {})
 
     def emit(self, kind: str, **fields: Any) -> None:
         rec = {"kind": kind, "t_wall": time.time(), "t_mono": time.monotonic(), **self._base, **fields}
@@ -76,6 +63,24 @@ class EventLog:
     def close(self) -> None:
         with self._lock:
             self._f.close()
+
+
+def ending(last: dict[str, Any]) -> str:
+    """How an attempt ended, from its last event: "done" or "stop_at" (`end`), "signal" (`preempted`), a failure's
+    reason, "rewind", the ending a supervisor's `child_exit` recorded, or "killed" (an ordinary last line: SIGKILL,
+    OOM, a machine lost, a hang killed from outside)."""
+    kind = last.get("kind")
+    if kind == "end":
+        return str(last.get("reason", "done"))
+    if kind == "preempted":
+        return "signal"
+    if kind == "failure":
+        return str(last.get("reason", "crash"))
+    if kind == "rewind":
+        return "rewind"
+    if kind == "child_exit":  # the supervisor's record of how its child ended (keel/train/supervise.py)
+        return str(last.get("ending", "killed"))
+    return "killed"
 
 
 def json_number(x: float) -> float | str:
