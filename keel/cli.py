@@ -35,7 +35,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from keel.train.loop import train  # jax and friends load only once the config is known to be good
 
     initialize(dist)
-    summary = train(cfg, progress=not args.no_progress, allow_config_change=args.allow_config_change)
+    summary = train(cfg, progress=not args.no_progress, allow_config_change=args.allow_config_change,
+                    restart_from_scratch=args.restart_from_scratch)
     import jax
 
     if jax.process_index() == 0:
@@ -78,8 +79,28 @@ def cmd_goodput(args: argparse.Namespace) -> int:
     return commands.run(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from keel.plan import commands
+
+    return commands.run(args)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from keel.evaluate import commands
+
+    return commands.run_generate(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from keel.evaluate import commands
+
+    return commands.run_eval(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": cmd_train, "data": cmd_data,
-                                                          "burnin": cmd_burnin, "goodput": cmd_goodput}
+                                                          "burnin": cmd_burnin, "goodput": cmd_goodput,
+                                                          "plan": cmd_plan}
+COMMANDS |= {"generate": cmd_generate, "eval": cmd_eval}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--allow-config-change", action="store_true",
                    help="resume a run directory although its saved config differs")
+    t.add_argument("--restart-from-scratch", action="store_true",
+                   help="train from step 0 although the run directory's events show checkpoints that are gone")
     t.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)  # the supervisor's child
     from keel.data import commands as data_commands
     from keel.diag import commands as diag_commands
@@ -105,10 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_distributed_args(t)
     from keel.goodput import commands as goodput_commands
+    from keel.plan import commands as plan_commands
 
     data_commands.add_parser(sub)
     diag_commands.add_parser(sub)
     goodput_commands.add_parser(sub)
+    plan_commands.add_parser(sub)
+    from keel.evaluate import commands as evaluate_commands
+
+    evaluate_commands.add_parsers(sub)
     return parser
 
 

@@ -255,3 +255,38 @@ def test_supervisor_forwards_sigterm_and_does_not_restart(tmp_path):
     starts = []
     rc = supervise([], tmp_path, 5, 0.01, log=starts.append, command=[sys.executable, str(script)])
     assert rc == 143 and not starts  # no "restart" line: a preemption is the launcher's to restart
+
+
+# ------------------------------------------------------------------------------------ a run remembers
+
+
+def _metric_steps(path):
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if "loss" in json.loads(line)]
+
+
+def test_metrics_never_hold_a_step_twice(tiny_args):
+    """Steps computed after the checkpoint a resume restores move to metrics.superseded.jsonl."""
+    import shutil
+
+    run = _run_dir(tiny_args)
+    assert _train(tiny_args, "train.stop_at=5") == 0
+    shutil.rmtree(run / "checkpoints" / "5")  # the last save lost (as if the process died before it)
+    assert _train(tiny_args) == 0
+    assert _metric_steps(run / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
+    assert _metric_steps(run / "metrics.superseded.jsonl") == [5]
+
+
+def test_a_run_whose_checkpoints_are_gone_does_not_start_over(tiny_args, capsys):
+    import shutil
+
+    run = _run_dir(tiny_args)
+    assert _train(tiny_args, "train.stop_at=4") == 0
+    shutil.rmtree(run / "checkpoints")
+    assert _train(tiny_args) == 3
+    err = capsys.readouterr().err
+    assert "committed checkpoints (the last at step 4)" in err and "--restart-from-scratch" in err
+    assert _metric_steps(run / "metrics.jsonl") == [1, 2, 3, 4]  # untouched
+    assert _train(tiny_args, "--restart-from-scratch") == 0
+    assert _metric_steps(run / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
+    assert _metric_steps(run / "metrics.superseded.jsonl") == [1, 2, 3, 4]
+    assert any(e["kind"] == "restart_from_scratch" for e in _events(run))

@@ -117,7 +117,8 @@ class Summary:
 
 
 def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = True,
-          allow_config_change: bool = False, devices: Sequence[jax.Device] | None = None) -> Summary:
+          allow_config_change: bool = False, devices: Sequence[jax.Device] | None = None,
+          restart_from_scratch: bool = False) -> Summary:
     """Train (or resume) the run `cfg` describes. `devices`: the mesh's devices (default: all). One process per
     host may train a run directory at a time: a second one is refused before it writes anything."""
     t_start = time.monotonic()
@@ -129,7 +130,8 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = T
         while True:
             try:
                 return _attempt(cfg, run_dir, t_start, log=log, progress=progress,
-                                allow_config_change=allow_config_change, devices=devices)
+                                allow_config_change=allow_config_change, devices=devices,
+                                restart_from_scratch=restart_from_scratch)
             except Rewind as r:
                 rewinds += 1
                 if rewinds > cfg.spike.max_rewinds:
@@ -151,7 +153,8 @@ def use_compile_cache(cfg: Config, run_dir: Path, log: Callable[[str], None]) ->
 
 
 def _attempt(cfg: Config, run_dir: Path, t_start: float, *, log: Callable[[str], None], progress: bool,
-             allow_config_change: bool, devices: Sequence[jax.Device] | None) -> Summary:
+             allow_config_change: bool, devices: Sequence[jax.Device] | None, restart_from_scratch: bool
+             ) -> Summary:
     """One process's attempt at the run: events, then build, restore, loop and finish."""
     check_run_dir(cfg, run_dir, allow_config_change)
     host = jax.process_index()
@@ -164,7 +167,8 @@ def _attempt(cfg: Config, run_dir: Path, t_start: float, *, log: Callable[[str],
             trainer = Trainer.build(cfg, run_dir, plan, events, stopper, stack, log=log,
                                     progress=progress and host == 0, devices=devices)
             stopper.stop_if_signalled("data preparation")
-            state = restore_or_init(trainer.run, trainer.ckpt, trainer.meta, plan, events, allow_config_change, log)
+            state = restore_or_init(trainer.run, trainer.ckpt, trainer.meta, plan, events, allow_config_change, log,
+                                    restart_from_scratch)
             start = int(state.step)
             stopper.stop_if_signalled("restore" if start else "initialisation")
             trainer.observe(start, stack)
@@ -258,7 +262,7 @@ class Trainer:
     def observe(self, start: int, stack: contextlib.ExitStack) -> None:
         """metrics.jsonl, the progress bar, the step logger and the evaluator, from step `start` on."""
         cfg, host = self.cfg, jax.process_index()
-        metrics = stack.enter_context(metrics_writer(self.run_dir, host))
+        metrics = stack.enter_context(metrics_writer(self.run_dir, host, start))
         bar = stack.enter_context(tqdm(total=cfg.train.steps, initial=start, disable=not self.progress,
                                        unit="step", dynamic_ncols=True, desc="train"))
         self.evaluator = Evaluator(self.run, self.data.eval_sets(cfg.train.eval_batches), self.data.eval_weights,

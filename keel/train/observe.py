@@ -26,15 +26,34 @@ from tqdm import tqdm
 
 from keel.config import Config
 from keel.errors import NonFiniteLoss, Preempted
+from keel.io import atomic_write
 from keel.train.events import EventLog, json_number
 from keel.train.plan import StepPlan
 from keel.train.run import Metrics, Run
 from keel.train.spikes import SpikeWatch
 
 
-def metrics_writer(run_dir: Path, host: int) -> TextIO:
-    """metrics.jsonl, line-buffered; host 0 writes the run's metrics, the others write nowhere."""
-    return open(run_dir / "metrics.jsonl" if host == 0 else os.devnull, "a", buffering=1)  # noqa: SIM115
+def metrics_writer(run_dir: Path, host: int, start: int = 0) -> TextIO:
+    """metrics.jsonl, line-buffered, continuing at step `start`; host 0 writes the run's metrics, the others
+    write nowhere. Lines of steps after `start` (computed by an attempt whose progress was lost) move to
+    metrics.superseded.jsonl first, so metrics.jsonl never holds a step twice and nothing is thrown away."""
+    if host != 0:
+        return open(os.devnull, "a")  # noqa: SIM115
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        kept, later = [], []
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                step = json.loads(line).get("step", 0)
+            except ValueError:  # a line a crash cut
+                later.append(line if line.endswith("\n") else line + "\n")
+                continue
+            (later if step > start else kept).append(line)
+        if later:
+            with open(run_dir / "metrics.superseded.jsonl", "a") as f:
+                f.writelines(later)
+            atomic_write(path, "".join(kept))
+    return open(path, "a", buffering=1)  # noqa: SIM115
 
 
 @dataclass

@@ -8,14 +8,15 @@ run computes bitwise what an uninterrupted run computes (on CPU).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
-import yaml
 
-from keel.config import Config, ConfigError, dump_yaml, flatten, from_dict, resume_differences
+from keel.config import Config, ConfigError, dump_yaml, flatten, load_saved_config, resume_differences
+from keel.errors import CheckpointError
 from keel.io import atomic_write
 from keel.train.checkpoint import Checkpointer
 from keel.train.events import EventLog
@@ -30,7 +31,7 @@ def check_run_dir(cfg: Config, run_dir: Path, allow_config_change: bool) -> None
     """A run directory holds one run: refuse a config that would change it, then record the config."""
     saved_path = run_dir / "config.yaml"
     if saved_path.exists():
-        diffs = resume_differences(from_dict(yaml.safe_load(saved_path.read_text())), cfg)
+        diffs = resume_differences(load_saved_config(saved_path), cfg)
         if diffs and not allow_config_change:
             raise ConfigError(f"{run_dir} holds a run with a different configuration; resuming would change it:\n  "
                               + "\n  ".join(diffs) + RETRY)
@@ -55,13 +56,16 @@ def data_differences(saved_meta: dict[str, Any], meta: dict[str, Any], plan: Ste
 
 
 def restore_or_init(run: Run, ckpt: Checkpointer, meta: dict[str, Any], plan: StepPlan, events: EventLog,
-                    allow_config_change: bool, log: Callable[[str], None]) -> TrainState:
+                    allow_config_change: bool, log: Callable[[str], None], restart_from_scratch: bool = False
+                    ) -> TrainState:
     """The latest usable checkpoint's state if there is one (after the data checks), else a fresh state.
 
     A checkpoint that is incomplete, corrupt or cannot be restored is set aside (checkpoints_aside/, never
     deleted) and the one before it is tried (keel/train/checkpoint.py); the `checkpoint_restore` span names the
-    step restored and the steps `skipped`."""
+    step restored and the steps `skipped`. A run directory whose events say it committed checkpoints that are
+    no longer there is not silently started over (`restart_from_scratch` says to)."""
     if not ckpt.has_any():
+        check_history(events, restart_from_scratch)
         with events.span("init"):
             return run.init()
     with events.span("checkpoint_restore") as span:
@@ -72,7 +76,8 @@ def restore_or_init(run: Run, ckpt: Checkpointer, meta: dict[str, Any], plan: St
                     verified=restored.verified if restored else None)
     for a in aside:
         log(f"checkpoint {a.step} is {a.reason} ({a.error}); moved it to {a.moved_to}")
-    if restored is None:  # only the remains of saves that never committed: nothing was lost, start afresh
+    if restored is None:  # only the remains of saves that never committed
+        check_history(events, restart_from_scratch)
         with events.span("init"):
             return run.init()
     for note in restored.notes:
@@ -87,3 +92,34 @@ def restore_or_init(run: Run, ckpt: Checkpointer, meta: dict[str, Any], plan: St
     log(f"resumed from checkpoint at step {restored.step}"
         + (f" (set aside: {', '.join(str(a.step) for a in aside)})" if aside else ""))
     return restored.state
+
+
+def check_history(events: EventLog, restart_from_scratch: bool) -> None:
+    """Before a run directory without a checkpoint starts from step 0: if its events show a committed checkpoint
+    that is neither here nor set aside (deleted, moved by hand), refuse unless `restart_from_scratch`. A run that
+    crashed before its first commit, or whose checkpoints were all set aside, starts over without asking."""
+    last = committed_before(events.path)
+    aside = events.path.parent.parent / "checkpoints_aside"
+    if last is None or (aside.is_dir() and any(p.name.split("-")[0] == str(last) for p in aside.iterdir())):
+        return  # nothing committed, or the last checkpoint was set aside (corrupt, or a rewind before it)
+    if not restart_from_scratch:
+        raise CheckpointError(
+            f"{events.path.parent.parent} holds a run that committed checkpoints (the last at step {last}), but none "
+            f"is in {events.path.parent.parent / 'checkpoints'} now; starting over would train from step 0 and "
+            f"replace its history. Restore the checkpoints, or pass --restart-from-scratch to start again")
+    events.emit("restart_from_scratch", last_committed=last)
+
+
+def committed_before(path: Path) -> int | None:
+    """The last step a run's event file says was committed (`checkpoint_commit`); None if none was."""
+    if not path.exists():
+        return None
+    last = None
+    with open(path) as f:
+        for line in f:
+            if '"checkpoint_commit"' in line:
+                try:
+                    last = int(json.loads(line)["step"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+    return last
