@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeelError as e:
         if debug:
             raise
-        cause = e.__cause__ or e.__context__
+        cause = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
         details = f" (the underlying error's traceback: {_write_traceback(args, e)})" if cause else ""
         print(f"keel: {e.kind}: {e}{details}", file=sys.stderr)
         return e.exit_code

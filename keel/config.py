@@ -291,7 +291,8 @@ RESUMABLE_KEYS = frozenset({
     "run_dir", "data.cache_dir", "data.skip_steps", "data.prefetch", "train.log_every", "train.stop_at",
     "train.sample_tokens", "train.sample_prompt", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save",
     "train.max_restarts", "train.restart_backoff_s", "train.hang_factor", "train.hang_floor_s", "train.compile_cache",
-    "train.sdc_every", "spike.max_consecutive", "spike.max_rewinds",
+    "train.sdc_every", "spike.policy", "spike.threshold", "spike.loss_min_rise", "spike.grad_norm_min_rise",
+    "spike.min_history", "spike.max_consecutive", "spike.rewind_skip", "spike.max_rewinds",
 })
 
 

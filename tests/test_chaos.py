@@ -32,7 +32,7 @@ def test_twenty_kills_a_hang_a_corrupt_checkpoint_and_a_spike(tiny_args, tmp_pat
     assert not check.lost, check.lost
     assert report.corrupted is not None and any(n.startswith(f"{report.corrupted}-") for n in check.set_aside)
     assert any(d["spike_step"] == 171 for d in check.decisions)
-    assert "hang" in report.log
+    assert "keel: hang: no progress" in report.log
     ref = reference_args(args, tmp_path / "reference", check.decisions)
     assert main(["train", "--no-progress", *ref]) == 0
     cfg = load_config("tiny", args)

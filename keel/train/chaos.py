@@ -78,12 +78,17 @@ def _events(run_dir: Path) -> list[dict[str, Any]]:
     return read_events(path) if path.exists() else []
 
 
-def _corrupt(step_dir: Path) -> None:
-    """Truncate the largest file of a checkpoint to half its size."""
-    files = [p for p in step_dir.rglob("*") if p.is_file()]
-    victim = max(files, key=lambda p: p.stat().st_size)
-    with open(victim, "r+b") as f:
-        f.truncate(victim.stat().st_size // 2)
+def _corrupt_latest(run_dir: Path) -> int | None:
+    """Truncate the largest file of the latest committed checkpoint to half its size (the training process is
+    dead and the supervisor in its backoff); its step, or None if there is none yet."""
+    for step in reversed(committed_steps(run_dir)):
+        files = [p for p in (run_dir / "checkpoints" / str(step)).rglob("*") if p.is_file()]
+        if files:
+            victim = max(files, key=lambda p: p.stat().st_size)
+            with open(victim, "r+b") as f:
+                f.truncate(victim.stat().st_size // 2)
+            return step
+    return None
 
 
 def run_chaos(train_args: Sequence[str], run_dir: Path, *, kills: int, steps: int, seed: int = 0,
@@ -112,10 +117,11 @@ def run_chaos(train_args: Sequence[str], run_dir: Path, *, kills: int, steps: in
                     continue
                 report.kills.append(kill)
                 say(f"kill {len(report.kills)}/{kills}: {kind} at step {kill['step']} (committed {kill['committed']})")
-                if corrupt_at_kill == len(report.kills) - 1 and kill["committed"]:
-                    _corrupt(run_dir / "checkpoints" / str(kill["committed"][-1]))
-                    report.corrupted = kill["committed"][-1]
-                    say(f"corrupted checkpoint {report.corrupted}")
+                if corrupt_at_kill is not None and len(report.kills) > corrupt_at_kill and report.corrupted is None:
+                    report.corrupted = _corrupt_latest(run_dir)
+                    if report.corrupted is not None:
+                        kill["committed"] = committed_steps(run_dir)  # what the next restore must fall back from
+                        say(f"corrupted checkpoint {report.corrupted}")
             report.returncode = proc.wait(timeout=max(1.0, timeout_s - (time.monotonic() - t0)))
         finally:
             if proc.poll() is None:
@@ -197,7 +203,8 @@ class ChaosCheck:
 
 def check_chaos(run_dir: Path, report: ChaosReport) -> ChaosCheck:
     """Pair each kill with the restore that followed it: a restore below the latest committed checkpoint is a
-    lost checkpoint, unless that checkpoint was the deliberately corrupted one (then it must be set aside)."""
+    lost checkpoint, unless that checkpoint was the deliberately corrupted one (then it must be set aside). (A
+    rewind restores in the same process, never after a kill, and sets aside only checkpoints after the spike.)"""
     from keel.train.plan import read_decisions
 
     events = _events(run_dir)
@@ -216,9 +223,7 @@ def check_chaos(run_dir: Path, report: ChaosReport) -> ChaosCheck:
         got = nxt["step"] if nxt is not None else None  # a process killed before its restore: the next one's
         pairs.append((latest, got))
         if latest is not None and (got is None or got < latest) and latest != report.corrupted:
-            rewound = any(d.get("rewound_to", latest) < latest for d in read_decisions(run_dir))
-            if not rewound:
-                lost.append(f"kill at step {kill['step']}: checkpoint {latest} was committed, restored {got}")
+            lost.append(f"kill at step {kill['step']}: checkpoint {latest} was committed, restored {got}")
         if starts and starts[0]["attempt"] in first_steps:
             recovery.append(first_steps[starts[0]["attempt"]]["t_wall"] - kill["t"])
     if report.corrupted is not None and not any(n.startswith(f"{report.corrupted}-") for n in aside):

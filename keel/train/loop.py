@@ -267,6 +267,7 @@ class Trainer:
                                        unit="step", dynamic_ncols=True, desc="train"))
         self.evaluator = Evaluator(self.run, self.data.eval_sets(cfg.train.eval_batches), self.data.eval_weights,
                                    self.events, metrics, bar.write if host == 0 else lambda line: None)
+        self.evaluator.recall(self.run_dir / "metrics.jsonl", start)
         peak, peak_source = peak_flops_per_device(jax.local_devices()[0])
         self.log(f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
         flops = transformer.model_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.batch_size \
@@ -305,7 +306,7 @@ class Trainer:
                 if self.faults.planned:
                     batch = self.faults.before_step(step, batch, self.cfg.model.vocab_size)
                 if self.sdc.due(step):
-                    with logger.paused():
+                    with logger.paused(), _first(dog, not self.sdc.warm):  # the first check compiles its probes
                         self.sdc.check(step, state.params, batch)
                     dog.touch()
                 state, metrics = run.step(state, batch)
@@ -313,7 +314,8 @@ class Trainer:
                 logger.on_step(done, metrics, prefetch.last_wait_s)
                 reason = self.stopper.check(done)
                 if reason or evaluator.due(done) or ckpt.due(done):
-                    with logger.paused(last=reason is not None):
+                    first_eval = evaluator.due(done) and not evaluator.compiled  # compiles the eval step
+                    with logger.paused(last=reason is not None), _first(dog, first_eval):
                         ckpt.maybe_save(done, state, self.meta, force=reason is not None)
                         if reason != "signal":
                             evaluator.maybe(done, state.params)  # while the checkpoint is written
@@ -330,7 +332,8 @@ class Trainer:
             raise
         prefetch.close()
         logger.close()
-        return self._end(state, done, reason)
+        with dog.suspend():  # the final save's background part (and its manifest) may take long on a big state
+            return self._end(state, done, reason)
 
     def rewind(self, spike: Rewind) -> None:
         """After a spike under `spike.policy=rewind`: record the decision and set aside the checkpoints that hold
@@ -384,3 +387,8 @@ class Trainer:
 
 def _finite_or_none(x: object) -> object:
     return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def _first(dog: Watchdog, first: bool) -> contextlib.AbstractContextManager:
+    """Suspend the watchdog around work done for the first time (it compiles); time it otherwise."""
+    return dog.suspend() if first else contextlib.nullcontext()

@@ -142,9 +142,24 @@ class Evaluator:
         self.weights = weights
         self.every = run.cfg.train.eval_every
         self.last: tuple[int, float, dict[str, float]] | None = None
+        self.compiled = False  # the first evaluation compiles the eval step
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
+
+    def recall(self, metrics_path: Path, step: int) -> None:
+        """Take the held-out loss at `step` from metrics.jsonl if an earlier attempt recorded it (a resume at that
+        step evaluates the same parameters: `at` then neither recomputes nor writes it a second time)."""
+        if not metrics_path.exists():
+            return
+        for line in metrics_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("step") == step and "heldout_loss" in rec:
+                by = rec.get("heldout_loss_by_source") or {name: rec["heldout_loss"] for name in self.sets}
+                self.last = (step, float(rec["heldout_loss"]), {k: float(v) for k, v in by.items()})
 
     def maybe(self, step: int, params: Any) -> None:
         if self.due(step):
@@ -172,6 +187,7 @@ class Evaluator:
                     loss, n = self.run.eval_loss(params, b)
                     total, count = total + float(loss) * float(n), count + float(n)
                 by_source[name] = total / count
+            self.compiled = True
             overall = sum(self.weights[k] * v for k, v in by_source.items())
             ev["heldout_loss"] = overall
             if len(by_source) > 1:
@@ -183,10 +199,10 @@ class Stopper:
     """Why the loop should stop after a step: "signal" (SIGTERM/SIGINT: checkpoint and exit 143), "stop_at"
     (train.stop_at reached, a time slice), "done" (train.steps reached); None to go on.
 
-    A context manager that owns the signal handlers; a signal only raises a flag (a second one stops at once:
-    KeyboardInterrupt). In the loop the flag means: save the next step and stop. Before the first step there
-    is nothing new to save: `stop_if_signalled` raises `Preempted` at the next phase boundary (after data
-    preparation, restore, compilation), where no computation is in flight."""
+    A context manager that owns the signal handlers; a signal only raises a flag (a SIGINT after it stops at once:
+    KeyboardInterrupt; a repeated SIGTERM changes nothing). In the loop the flag means: save the next step and stop.
+    Before the first step there is nothing new to save: `stop_if_signalled` raises `Preempted` at the next phase
+    boundary (after data preparation, restore, compilation), where no computation is in flight."""
 
     def __init__(self, plan: StepPlan):
         self.plan = plan
@@ -205,9 +221,12 @@ class Stopper:
         self._old.clear()
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.signal is not None:
+        if self.signal is None:
+            self.signal = signum
+        elif signum == signal.SIGINT:  # a person pressing Ctrl-C again: stop now
             raise KeyboardInterrupt
-        self.signal = signum
+        # a repeated SIGTERM is the same preemption (a launcher signalling every process of the job, and the
+        # supervisor forwarding it too): the checkpoint at the next step is still the way out
 
     def stop_if_signalled(self, during: str) -> None:
         if self.signal is not None:

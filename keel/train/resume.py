@@ -117,7 +117,9 @@ def committed_before(path: Path) -> int | None:
     last = None
     with open(path) as f:
         for line in f:
-            if '"checkpoint_commit"' in line:
+            if '"restart_from_scratch"' in line:  # commits before a deliberate fresh start do not count
+                last = None
+            elif '"checkpoint_commit"' in line:
                 try:
                     last = int(json.loads(line)["step"])
                 except (ValueError, KeyError, TypeError):

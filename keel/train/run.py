@@ -156,7 +156,8 @@ def tree_hash(tree: Any) -> jax.Array:
     for i, leaf in enumerate(jax.tree.leaves(tree)):
         width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[leaf.dtype.itemsize]
         bits = jax.lax.bitcast_convert_type(leaf, width).astype(jnp.uint32)
-        weight = jnp.arange(leaf.size, dtype=jnp.uint32).reshape(leaf.shape) * jnp.uint32(2654435761) \
-            + jnp.uint32(2 * i + 1)
+        # odd weights: multiplying by an odd number is a bijection mod 2^32, so no flipped bit can vanish
+        weight = (jnp.arange(leaf.size, dtype=jnp.uint32).reshape(leaf.shape) * jnp.uint32(2654435761)
+                  + jnp.uint32(2 * i)) | jnp.uint32(1)
         h = h * jnp.uint32(1000003) + jnp.sum(bits * weight, dtype=jnp.uint32)
     return h

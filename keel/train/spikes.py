@@ -5,10 +5,10 @@ norms. A step is a spike when, with at least `spike.min_history` steps of histor
 above the window's median by more than `threshold` robust standard deviations (1.4826 x MAD) and by more than a
 minimum rise (`loss_min_rise`, `grad_norm_min_rise`, as fractions of the median: a steady loss has a tiny MAD, and
 gradient norms are heavy-tailed), or when either is not finite. A spike does not enter the window (the baseline
-stays the clean one); `streak` counts spikes in a row. Under `skip_update` the step's update is not applied (as
-MaxText does): the parameters and optimizer state stay those before it, the step counter moves on. Median and MAD
-rather than OLMo's mean + 6 sigma: one spike in the window does not inflate the threshold that should catch the
-next.
+stays the clean one; under `warn`, whose updates are applied, it does); `streak` counts spikes in a row. Under
+`skip_update` the step's update is not applied (as MaxText does): the parameters and optimizer state stay those
+before it, the step counter moves on. Median and MAD rather than OLMo's mean + 6 sigma: one spike in the window does
+not inflate the threshold that should catch the next.
 
 On the host (`SpikeWatch`, one step late like every metric): a `spike` event; under `skip_update`,
 `max_consecutive` spikes in a row stop the run (LossSpikes, exit 8); under `rewind`, `Rewind` unwinds the attempt:
@@ -57,7 +57,7 @@ def detect(monitor: Monitor, loss: jax.Array, grad_norm: jax.Array, cfg: SpikeCo
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     spike = jnp.asarray(cfg.policy != "off") & (~finite | (judged & (loss_high | norm_high)))
     slot = monitor["count"] % cfg.window
-    keep = ~spike
+    keep = ~spike | jnp.asarray(cfg.policy == "warn")  # under warn the update is applied: the baseline follows
 
     def push(window: jax.Array, x: jax.Array) -> jax.Array:
         return jnp.where(keep, window.at[slot].set(x), window)
@@ -120,10 +120,11 @@ def rewind(run_dir: Path, spike: Rewind, cfg: SpikeConfig, checkpoints: list[int
     to_step = max((s for s in checkpoints if s <= spike.spike_step), default=0)
     first = max(to_step, spike.spike_step - cfg.rewind_skip + 1)
     steps = f"{first}-{spike.spike_step}"
-    moved = []
+    # every process takes part in setting aside (process 0 moves); the checkpoints go first, so that a crash in
+    # between leaves a run that resumes before the spike without a decision, never a decision before a checkpoint
+    moved = [str(set_aside(s, "spike")) for s in checkpoints if s > spike.spike_step]
     if act:
         record_decision(run_dir, steps, "spike", spike_step=spike.spike_step, loss=json_number(spike.loss),
                         grad_norm=json_number(spike.grad_norm), rewound_to=to_step)
-        moved = [str(set_aside(s, "spike")) for s in checkpoints if s > spike.spike_step]
     events.emit("rewind", spike_step=spike.spike_step, to_step=to_step, skip=steps, set_aside=moved)
     return to_step

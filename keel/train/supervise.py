@@ -42,7 +42,10 @@ EXIT_NAMES = {0: "done", 1: "a crash", 2: "a config error", 3: "a checkpoint err
 def describe(returncode: int) -> str:
     """`returncode` in words: 'exit 6 (a hang)', 'signal 9 (SIGKILL)'."""
     if returncode < 0:
-        return f"signal {-returncode} ({signal.Signals(-returncode).name})"
+        try:
+            return f"signal {-returncode} ({signal.Signals(-returncode).name})"
+        except ValueError:  # a real-time signal has no name
+            return f"signal {-returncode}"
     return f"exit {returncode}" + (f" ({EXIT_NAMES[returncode]})" if returncode in EXIT_NAMES else "")
 
 
@@ -70,13 +73,19 @@ def supervise(argv: Sequence[str], run_dir: Path, max_restarts: int, backoff_s: 
         restarts = fruitless = 0
         while True:
             state["child"] = child = subprocess.Popen(cmd, start_new_session=True)
+            if state["signal"] is not None:  # a signal while the child was being started: it is the child's too
+                child.send_signal(state["signal"])
             rc = child.wait()
             if rc == 0 or state["signal"] is not None:
                 return shell_code(rc)
-            fruitless = 0 if _trained(run_dir) else fruitless + 1
+            last = _last_event_of(run_dir, child.pid)  # None: the child died before its first event
+            fruitless = 0 if last is not None and _trained(run_dir, last) else fruitless + 1
             again = restartable(rc) and restarts < max_restarts
             wait = min(backoff_s * 2 ** max(0, fruitless - 1), MAX_BACKOFF_S) if again else None
-            _record(run_dir, rc, again, wait, restarts)
+            if last is not None:
+                _record(run_dir, last, rc, again, wait, restarts)
+            if restarts == 0 and "--restart-from-scratch" in cmd:  # once: a restart resumes what it trained
+                cmd.remove("--restart-from-scratch")
             if not again:
                 if restartable(rc):
                     log(f"keel: the training process ended with {describe(rc)}; no restarts left "
@@ -89,40 +98,43 @@ def supervise(argv: Sequence[str], run_dir: Path, max_restarts: int, backoff_s: 
             while time.monotonic() < deadline and state["signal"] is None:
                 time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
             if state["signal"] is not None:
-                return EXIT_PREEMPTED
+                return 128 + state["signal"]
     finally:
         for s, h in old.items():
             signal.signal(s, h)
 
 
-def _trained(run_dir: Path) -> bool:
-    """Whether the last attempt trained at least one step (then the next restart waits the base backoff again)."""
+def _last_event_of(run_dir: Path, pid: int) -> dict[str, Any] | None:
+    """The host file's last event if process `pid` wrote it (else the child wrote nothing: it was refused or
+    died first, and the last line belongs to an earlier attempt or to another process)."""
+    last = last_event(run_dir / "events" / "host0000.jsonl")
+    return last if last is not None and last.get("pid") == pid else None
+
+
+def _trained(run_dir: Path, last: dict[str, Any]) -> bool:
+    """Whether the attempt that wrote `last` trained at least one step (then the next restart waits the base
+    backoff again)."""
     path = run_dir / "events" / "host0000.jsonl"
-    last = last_event(path)
-    if last is None:
-        return False
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - (1 << 18)))
         tail = f.read().decode(errors="replace")
-    attempt = last.get("attempt")
     for line in tail.splitlines():
         if '"kind": "step"' in line:
             try:
-                if json.loads(line).get("attempt") == attempt:
-                    return True
+                e = json.loads(line)
             except ValueError:
                 continue
+            if e.get("attempt") == last.get("attempt") and e.get("pid") == last.get("pid"):
+                return True
     return False
 
 
-def _record(run_dir: Path, rc: int, again: bool, backoff_s: float | None, restarts: int) -> None:
-    """The `child_exit` event, under the ended child's attempt number (host 0: supervised runs are single-process)."""
-    path = run_dir / "events" / "host0000.jsonl"
-    previous = last_event(path)
-    if previous is None:  # the child died before its first event
-        return
-    events = EventLog(path, 0, attempt=int(previous.get("attempt", 1)))
+def _record(run_dir: Path, last: dict[str, Any], rc: int, again: bool, backoff_s: float | None,
+            restarts: int) -> None:
+    """The `child_exit` event, under the ended child's attempt number (host 0: supervised runs are
+    single-process)."""
+    events = EventLog(run_dir / "events" / "host0000.jsonl", 0, attempt=int(last.get("attempt", 1)))
     try:
         events.emit("child_exit", returncode=rc, ending=events.previous_ending(), restartable=again,
                     backoff_s=backoff_s, restarts=restarts, supervisor_pid=os.getpid())
