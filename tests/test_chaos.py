@@ -23,7 +23,9 @@ def test_twenty_kills_a_hang_a_corrupt_checkpoint_and_a_spike(tiny_args, tmp_pat
     args = [a for a in tiny_args if not a.startswith("run_dir=")] + [
         f"run_dir={tmp_path / 'chaos'}", f"train.steps={steps}", "checkpoint.every=5", "checkpoint.keep=4",
         "train.eval_every=200", "train.log_every=50", "train.hang_floor_s=6", "spike.policy=rewind",
-        "spike.window=32", "spike.min_history=8", "optim.warmup_steps=5"]
+        "spike.window=32", "spike.min_history=8", "spike.grad_norm_min_rise=4", "optim.warmup_steps=5"]
+    # (a 35k-parameter model on 8 x 32 tokens has gradient norms 2-3x their median now and then: only the
+    # injected batch, ~10x, is to count as a spike here)
     report = run_chaos(args, tmp_path / "chaos", kills=20, steps=steps, seed=1, hang_at=37, spike_at=171,
                        corrupt_at_kill=6)
     assert report.returncode == 0, report.log[-4000:]

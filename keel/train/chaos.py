@@ -80,8 +80,10 @@ def _events(run_dir: Path) -> list[dict[str, Any]]:
 
 def _corrupt_latest(run_dir: Path) -> int | None:
     """Truncate the largest file of the latest committed checkpoint to half its size (the training process is
-    dead and the supervisor in its backoff); its step, or None if there is none yet."""
-    for step in reversed(committed_steps(run_dir)):
+    dead and the supervisor in its backoff); its step, or None while there are fewer than two (with one, there
+    is nothing to fall back to: keel stops with exit 3, rightly)."""
+    steps = committed_steps(run_dir)
+    for step in reversed(steps if len(steps) >= 2 else []):
         files = [p for p in (run_dir / "checkpoints" / str(step)).rglob("*") if p.is_file()]
         if files:
             victim = max(files, key=lambda p: p.stat().st_size)
