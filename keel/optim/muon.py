@@ -1,11 +1,11 @@
 """Muon with layer sharding.
 
 Muon orthogonalises each hidden matrix's momentum with a quintic Newton–Schulz iteration, which needs whole
-matrices. keel stacks a layer's matrices as (layers, in, out); under FSDP each device holds a slice of every
-layer. `layer_sharded` reshards the stack so each device holds whole matrices of L/N layers (an all-to-all),
-runs Newton–Schulz locally, and reshards back (another all-to-all): the extra work is spread over the devices
-instead of repeated on each. A stack whose layer count does not divide the device count is padded with zero
-matrices (which stay zero). `gathered` replicates the stack and runs every layer on every device: the
+matrices. keel stacks a layer's matrices as (layers, in, out), sharded over the mesh by the rules table (FSDP
+on `embed`, tensor parallelism on `heads`/`mlp`, copies over `data`). `layer_sharded` orthogonalises every
+matrix once, whole, on one device: the matrices of all stacks are bin-packed over the mesh by FLOPs, moved
+there and back with all-to-all over the axes that split them, and all-gathered over the axes that hold copies
+(`keel/optim/layer_sharding.py`). `gathered` replicates each stack and runs every layer on every device: the
 reference for tests and benchmarks.
 
 The momentum and Nesterov form, the Frobenius pre-scaling, the iteration and the two update scalings follow
@@ -25,6 +25,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from keel.config import MuonScaling, MuonStrategy, check_registry
+from keel.optim.layer_sharding import layer_sharded_newton_schulz
 
 DEFAULT_NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -50,43 +51,71 @@ def newton_schulz(x_LMN: jax.Array, coeffs: tuple[float, float, float] = DEFAULT
     """Approximately orthogonalise each matrix of a batch (U S V^T -> U V^T) with the quintic iteration
     X <- a X + (b A + c A^2) X, A = X X^T, after scaling each matrix to unit Frobenius norm.
 
-    Tall matrices (M > N) iterate on the smaller Gram matrix from the right, X <- a X + X (b A + c A^2) with
-    A = X^T X: the same as transposing, iterating and transposing back, but without the transposes, so the
-    dots have one layout whatever the number of matrices per device (layer-sharded results stay bitwise equal
-    to single-device ones)."""
-    x = x_LMN / (jnp.linalg.norm(x_LMN, axis=(-2, -1), keepdims=True) + eps)
+    One matrix at a time (`lax.map`), fenced by optimization barriers: XLA's dots and norms over a batch can
+    sum in an order that depends on the batch size and on what is fused into them, and a device of a
+    layer-sharded update gets another number of matrices, assembled by transposes, than one device running the
+    whole stack; so fenced, every matrix's result is bitwise the same wherever it runs.
+    For large matrices the loop costs nothing (each dot fills the device); the tiny ones of test models lose
+    a little batching."""
+
+    def one(x_MN: jax.Array) -> jax.Array:
+        # The barriers keep XLA from fusing the producer of the matrix (a layer-sharded device assembles it
+        # from pieces with a transpose) into the norm and the first dot, or the consumer into the last: that
+        # would change their summation order, and one device has no such producer.
+        x_MN = jax.lax.optimization_barrier(x_MN)
+        return jax.lax.optimization_barrier(_newton_schulz_matrix(x_MN, coeffs, steps, eps))
+
+    return jax.lax.map(one, x_LMN)
+
+
+def _newton_schulz_matrix(x_MN: jax.Array, coeffs: tuple[float, float, float], steps: int,
+                          eps: float) -> jax.Array:
+    """Tall matrices (M > N) iterate on the smaller Gram matrix from the right, X <- a X + X (b A + c A^2) with
+    A = X^T X: the same as transposing, iterating and transposing back, without moving the matrix."""
+    x = x_MN / (jnp.linalg.norm(x_MN) + eps)
     a, b, c = coeffs
-    tall = x.shape[-2] > x.shape[-1]
+    tall = x.shape[0] > x.shape[1]
     for _ in range(steps):
         if tall:
-            gram = jnp.swapaxes(x, -1, -2) @ x
+            gram = x.T @ x
             x = a * x + x @ (b * gram + c * gram @ gram)
         else:
-            gram = x @ jnp.swapaxes(x, -1, -2)
+            gram = x @ x.T
             x = a * x + (b * gram + c * gram @ gram) @ x
     return x
 
 
-Orthogonaliser = Callable[[jax.Array, Mesh | None, Callable[[jax.Array], jax.Array]], jax.Array]
+NewtonSchulz = Callable[[jax.Array], jax.Array]
+Orthogonaliser = Callable[[dict[str, jax.Array], dict[str, MatrixView], Mesh | None, NewtonSchulz],
+                          dict[str, jax.Array]]
+"""(stacks keyed like `views`, each (layers, *in_dims, *out_dims); views; mesh; Newton–Schulz on a batch of
+matrices) -> the orthogonalised stacks, same shapes."""
 
 
-def gathered(x_LMN: jax.Array, mesh: Mesh | None, ns: Callable[[jax.Array], jax.Array]) -> jax.Array:
-    """Every device runs Newton–Schulz on the whole (replicated) stack. The result is pinned replicated too:
+def gathered(stacks: dict[str, jax.Array], views: dict[str, MatrixView], mesh: Mesh | None,
+             ns: NewtonSchulz) -> dict[str, jax.Array]:
+    """Every device runs Newton–Schulz on every whole (replicated) stack. The result is pinned replicated too:
     otherwise the partitioner is free to split the iteration by rows (with an all-gather every step)."""
-    if mesh is None:
-        return ns(x_LMN)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.lax.with_sharding_constraint(ns(jax.lax.with_sharding_constraint(x_LMN, replicated)), replicated)
+    out = {}
+    for key, x in stacks.items():
+        x_LMN = views[key].as_matrices(x)
+        if mesh is None:
+            out[key] = ns(x_LMN).reshape(x.shape)
+            continue
+        replicated = NamedSharding(mesh, PartitionSpec())
+        o = jax.lax.with_sharding_constraint(ns(jax.lax.with_sharding_constraint(x_LMN, replicated)), replicated)
+        out[key] = o.reshape(x.shape)
+    return out
 
 
-def layer_sharded(x_LMN: jax.Array, mesh: Mesh | None, ns: Callable[[jax.Array], jax.Array]) -> jax.Array:
-    """Each of the N devices runs Newton–Schulz on whole matrices of L/N layers (padded to a multiple of N)."""
+def layer_sharded(stacks: dict[str, jax.Array], views: dict[str, MatrixView], mesh: Mesh | None,
+                  ns: NewtonSchulz) -> dict[str, jax.Array]:
+    """Each matrix of every stack is orthogonalised once, on the device the FLOP-balanced plan gives it."""
     if mesh is None or mesh.size == 1:
-        return ns(x_LMN)
-    L = x_LMN.shape[0]
-    padded = jnp.pad(x_LMN, ((0, (-L) % mesh.size), (0, 0), (0, 0)))
-    by_layer = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names), None, None))
-    return ns(jax.lax.with_sharding_constraint(padded, by_layer))[:L]
+        return {key: ns(views[key].as_matrices(x)).reshape(x.shape) for key, x in stacks.items()}
+    specs = {key: views[key].sharding.spec if views[key].sharding is not None else PartitionSpec()
+             for key in stacks}
+    return layer_sharded_newton_schulz(stacks, {key: views[key].n_in for key in stacks}, specs, mesh, ns)
 
 
 STRATEGIES: dict[str, Orthogonaliser] = {"layer_sharded": layer_sharded, "gathered": gathered}
@@ -141,14 +170,17 @@ def scale_by_muon(
             c = 1 - beta ** count.astype(jnp.float32)
             mu_hat = jax.tree.map(lambda m: m / c, mu)
 
-        def orthogonal_update(path, m):
-            view = views[jax.tree_util.keystr(path)]
-            o = orthogonalise(view.as_matrices(m), mesh, ns).reshape(m.shape)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(mu_hat)
+        keys = [jax.tree_util.keystr(path) for path, _ in flat]
+        done = orthogonalise(dict(zip(keys, (m for _, m in flat), strict=True)), views, mesh, ns)
+
+        def scaled(key: str) -> jax.Array:
+            view, o = views[key], done[key]
             if view.sharding is not None:
                 o = jax.lax.with_sharding_constraint(o, view.sharding)
-            return o * scale_of(*view.fans(m.shape))
+            return o * scale_of(*view.fans(o.shape))
 
-        return jax.tree_util.tree_map_with_path(orthogonal_update, mu_hat), MuonState(count, mu)
+        return jax.tree_util.tree_unflatten(treedef, [scaled(k) for k in keys]), MuonState(count, mu)
 
     return optax.GradientTransformation(init, update)
 

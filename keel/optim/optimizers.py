@@ -11,12 +11,15 @@ from typing import Any
 
 import jax
 import optax
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh, Mesh
 
 from keel.config import Config, ModelConfig, OptimizerName, check_registry
+from keel.model import transformer
 from keel.model.transformer import ParamSpec, named_specs, param_specs
+from keel.optim.layer_sharding import LayerShardingPlan, plan_layer_sharding, stack_shape
 from keel.optim.muon import MatrixView, muon
 from keel.optim.schedules import wsd
+from keel.parallel.sharding import Sharder
 
 Builder = Callable[[Config, Any, Mesh | None], tuple[optax.GradientTransformation, optax.Schedule]]
 
@@ -62,12 +65,29 @@ def muon_labels(model: ModelConfig) -> Any:
         param_specs(model), is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
-def describe_partition(model: ModelConfig) -> str:
+def describe_partition(model: ModelConfig, mesh: Mesh | AbstractMesh | None = None, ns_steps: int = 5) -> str:
+    """The Muon / AdamW partition of the parameters and, given the mesh, the layer-sharded Newton–Schulz plan
+    on it (groups, rounds, balance, traffic), with each stack sharded as the rules table places it."""
     views = muon_views(model)
-    rows = {"muon": [], "adamw": []}
+    rows: dict[str, list[str]] = {"muon": [], "adamw": []}
     for key, spec in named_specs(model).items():
         rows["muon" if key in views else "adamw"].append(f"{key}{list(spec.shape)}")
-    return "\n".join(f"  {name:5s} ({len(r)}): {', '.join(r)}" for name, r in rows.items())
+    text = "\n".join(f"  {name:5s} ({len(r)}): {', '.join(r)}" for name, r in rows.items())
+    if mesh is None or not views:
+        return text
+    return text + "\n" + layer_sharding_plan(model, mesh, ns_steps).describe()
+
+
+def layer_sharding_plan(model: ModelConfig, mesh: Mesh | AbstractMesh, ns_steps: int = 5) -> LayerShardingPlan:
+    """Which device orthogonalises which Muon matrix of `model` on `mesh` (an `AbstractMesh` will do: the plan
+    needs only shapes and shardings, so it can be made for meshes larger than the machine)."""
+    shardings = Sharder(mesh).tree(transformer.abstract_params(model), transformer.logical_axes(model))
+    specs = named_specs(model)
+    mesh_shape = tuple(mesh.shape.items())
+    stacks = tuple(stack_shape(key, specs[key].shape, view.n_in, view.sharding.spec, mesh_shape,
+                               model.param_dtype)
+                   for key, view in muon_views(model, shardings).items())
+    return plan_layer_sharding(stacks, mesh_shape, ns_steps)
 
 
 def muon_with_adamw(cfg: Config, shardings: Any = None, mesh: Mesh | None = None):

@@ -1,0 +1,269 @@
+"""What a compiled XLA program does, read from its HLO text: matmul FLOPs and collectives, each counted as many
+times as it runs.
+
+XLA's own `cost_analysis()` counts the body of a `while` loop once, whatever its trip count; keel runs its
+layers with `jax.lax.scan`, so most of a train step sits inside two loops (forward and backward). Here every
+instruction is weighted by the known trip counts of the loops around it (`known_trip_count` in the loop's
+backend config), so the totals are the step's.
+
+A collective's `buffer_bytes` is the size of the whole buffer it works on, per device: an all-gather's result,
+a reduce-scatter's operand, an all-reduce's or all-to-all's operand. Its `group` is the number of devices that
+take part, and `axes` the mesh axes its groups span (given the mesh's shape; devices are numbered row-major over
+the mesh, as `keel.parallel.sharding.make_mesh` lays them out).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+               "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_HEADER = re.compile(r"^(?:ENTRY )?%(\S+) \(")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
+_CALLEE = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_computation)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+@dataclass(frozen=True)
+class Shape:
+    dtype: str
+    dims: tuple[int, ...]
+
+    @property
+    def bytes(self) -> float:
+        return DTYPE_BYTES.get(self.dtype, 0) * math.prod(self.dims)
+
+
+@dataclass(frozen=True)
+class Instruction:
+    name: str
+    opcode: str
+    shapes: tuple[Shape, ...]  # the result: one shape, or a tuple's elements
+    operands: tuple[str, ...]
+    attrs: str
+
+    @property
+    def result_bytes(self) -> float:
+        return sum(s.bytes for s in self.shapes)
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective of the program, `count` times per run of the program."""
+
+    kind: str
+    buffer_bytes: float
+    group: int
+    axes: tuple[str, ...]
+    count: int
+    where: str  # the jax op it came from (metadata op_name), for reading
+
+
+@dataclass
+class Program:
+    computations: dict[str, list[Instruction]]
+    entry: str
+    runs: dict[str, int]  # computation -> times it runs per run of the program (loop trip counts multiplied)
+
+    def instructions(self) -> list[tuple[Instruction, int, str]]:
+        return [(i, self.runs[c], c) for c, body in self.computations.items() if self.runs.get(c) for i in body]
+
+
+def _split_type(text: str) -> tuple[str, str]:
+    """(type, rest) of `TYPE opcode(...)...`: a tuple type runs to its matching parenthesis."""
+    if text.startswith("("):
+        depth = 0
+        for i, ch in enumerate(text):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0:
+                return text[: i + 1], text[i + 1 :].lstrip()
+    head, _, rest = text.partition(" ")
+    return head, rest
+
+
+def _shapes(type_text: str) -> tuple[Shape, ...]:
+    return tuple(Shape(d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _SHAPE.findall(type_text)
+                 if d in DTYPE_BYTES)
+
+
+def _operands(rest: str) -> tuple[str, tuple[str, ...], str]:
+    """(opcode, operand names, attributes) from `opcode(%a, %b), attr=...`."""
+    opcode, _, tail = rest.partition("(")
+    depth, end = 1, len(tail)
+    for i, ch in enumerate(tail):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0:
+            end = i
+            break
+    return opcode.strip(), tuple(re.findall(r"%([\w.\-]+)", tail[:end])), tail[end + 1 :]
+
+
+def parse(hlo_text: str) -> Program:
+    computations: dict[str, list[Instruction]] = {}
+    entry = ""
+    current: list[Instruction] | None = None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header and line.rstrip().endswith("{"):
+            current = computations.setdefault(header.group(1), [])
+            if line.startswith("ENTRY"):
+                entry = header.group(1)
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        m = _INSTRUCTION.match(line) if current is not None else None
+        if m:
+            type_text, rest = _split_type(m.group(2))
+            opcode, operands, attrs = _operands(rest)
+            current.append(Instruction(m.group(1), opcode, _shapes(type_text), operands, attrs))
+    if not entry:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return Program(computations, entry, _runs(computations, entry))
+
+
+def _runs(computations: dict[str, list[Instruction]], entry: str) -> dict[str, int]:
+    """How often each computation runs when the entry runs once. Reducers (`to_apply`) and loop conditions are
+    left out: they hold no dots or collectives of interest."""
+    calls: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for name, body in computations.items():
+        for ins in body:
+            for kind, callee in _CALLEE.findall(ins.attrs):
+                if kind == "body":
+                    trip = _TRIP.search(ins.attrs)
+                    if trip is None:
+                        raise ValueError(f"while loop {ins.name} has no known trip count")
+                    calls[name].append((callee, int(trip.group(1))))
+                elif kind in ("calls", "true_computation", "false_computation"):
+                    calls[name].append((callee, 1))
+            for group in _BRANCHES.findall(ins.attrs):
+                calls[name] += [(c, 1) for c in re.findall(r"%([\w.\-]+)", group)]
+    runs: dict[str, int] = defaultdict(int)
+
+    def visit(name: str, times: int) -> None:
+        runs[name] += times
+        for callee, n in calls.get(name, ()):
+            visit(callee, times * n)
+
+    visit(entry, 1)
+    return dict(runs)
+
+
+def _dims(attrs: str, key: str) -> tuple[int, ...]:
+    m = re.search(rf"\b{key}=\{{([0-9,]*)\}}", attrs)
+    return tuple(int(x) for x in m.group(1).split(",") if x) if m else ()
+
+
+def dot_flops(program: Program) -> float:
+    """2 x (result elements) x (contracted size) for every dot, times the runs of its computation."""
+    total = 0.0
+    for name, body in program.computations.items():
+        times = program.runs.get(name, 0)
+        if not times:
+            continue
+        shapes = {i.name: i.shapes for i in body}
+        for ins in body:
+            if ins.opcode != "dot":
+                continue
+            lhs = shapes[ins.operands[0]][0].dims
+            contracted = math.prod(lhs[d] for d in _dims(ins.attrs, "lhs_contracting_dims"))
+            total += times * 2 * math.prod(ins.shapes[0].dims) * contracted
+    return total
+
+
+def replica_groups(attrs: str, n_devices: int) -> list[list[int]]:
+    """The device groups of a collective, in any of the three notations XLA prints."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+    if m:
+        axes = re.findall(r"'([^']+)'=(\d+)", m.group(1))
+        names, sizes = [a for a, _ in axes], [int(s) for _, s in axes]
+        chosen = set(re.findall(r"'([^']+)'", m.group(2)))
+        ids = list(range(math.prod(sizes)))
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i in ids:
+            coord = _unravel(i, sizes)
+            groups[tuple(c for c, a in zip(coord, names, strict=True) if a not in chosen)].append(i)
+        return list(groups.values())
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", attrs)
+    if m:
+        n_groups, size = int(m.group(1)), int(m.group(2))
+        dims = [int(x) for x in m.group(3).split(",")]
+        ids = _iota(dims, [int(x) for x in m.group(4).split(",")] if m.group(4) else list(range(len(dims))))
+        return [ids[g * size : (g + 1) * size] for g in range(n_groups)]
+    m = re.search(r"replica_groups=\{((?:\{[0-9,]*\},?)*)\}", attrs)
+    if m and m.group(1):
+        return [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([0-9,]*)\}", m.group(1))]
+    m = re.search(r"source_target_pairs=\{((?:\{[0-9,]*\},?)*)\}", attrs)
+    if m:
+        pairs = [[int(x) for x in g.split(",")] for g in re.findall(r"\{([0-9,]*)\}", m.group(1))]
+        return pairs
+    return [list(range(n_devices))]
+
+
+def _unravel(i: int, sizes: Sequence[int]) -> tuple[int, ...]:
+    coord = []
+    for s in reversed(sizes):
+        coord.append(i % s)
+        i //= s
+    return tuple(reversed(coord))
+
+
+def _iota(dims: list[int], perm: list[int]) -> list[int]:
+    """Device ids of iota(dims) transposed by perm, flattened (XLA's `[G,S]<=[dims]T(perm)`)."""
+    out_dims = [dims[p] for p in perm]
+    ids = []
+    for coord in itertools.product(*(range(d) for d in out_dims)):
+        src = [0] * len(dims)
+        for k, p in enumerate(perm):
+            src[p] = coord[k]
+        idx = 0
+        for d, c in zip(dims, src, strict=True):
+            idx = idx * d + c
+        ids.append(idx)
+    return ids
+
+
+def group_axes(groups: list[list[int]], mesh_shape: Mapping[str, int]) -> tuple[str, ...]:
+    """The mesh axes along which the members of a collective's groups differ."""
+    names, sizes = list(mesh_shape), list(mesh_shape.values())
+    varying: set[str] = set()
+    for g in groups:
+        coords = [_unravel(i, sizes) for i in g]
+        varying |= {n for k, n in enumerate(names) if len({c[k] for c in coords}) > 1}
+    return tuple(n for n in names if n in varying)
+
+
+def _op_name(attrs: str) -> str:
+    m = re.search(r'op_name="([^"]*)"', attrs)
+    return m.group(1) if m else ""
+
+
+def collectives(program: Program, mesh_shape: Mapping[str, int]) -> list[Collective]:
+    """Every collective of the program (async `-start`/`-done` pairs counted once, at the start)."""
+    n = math.prod(mesh_shape.values())
+    out = []
+    for ins, times, _ in program.instructions():
+        kind = ins.opcode.removesuffix("-start")
+        if kind not in COLLECTIVES:
+            continue
+        # An async all-gather's result is (operand, output); the others' results are their buffers' size
+        # (a reduce-scatter's is a 1/group share of its operand, scaled up below).
+        async_gather = kind == "all-gather" and ins.opcode.endswith("-start")
+        size = ins.shapes[-1].bytes if async_gather else ins.result_bytes
+        groups = replica_groups(ins.attrs, n)
+        group = max(len(g) for g in groups)
+        if kind == "reduce-scatter":
+            size *= group
+        out.append(Collective(kind, size, group, group_axes(groups, mesh_shape), times, _op_name(ins.attrs)))
+    return out
