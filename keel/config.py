@@ -52,6 +52,26 @@ def check_registry(registry_name: str, registry: Mapping[str, Any], names: Any) 
 
 
 @dataclass(frozen=True)
+class YarnConfig:
+    factor: float = 1.0
+    """YaRN context extension of the global layers' RoPE (arXiv 2309.00071, as `transformers` computes it):
+    positions reach `factor` x `original_max_position_embeddings`; 1: off (plain RoPE)."""
+    original_max_position_embeddings: int = 0
+    """The context length the model was pretrained at (Rnj-1: 8192); required when `factor` > 1."""
+    beta_fast: float = 32.0
+    """Dims that rotate more than `beta_fast` times over the original context keep their frequency
+    (extrapolation)."""
+    beta_slow: float = 1.0
+    """Dims that rotate fewer than `beta_slow` times are divided by `factor` (interpolation); the ones between
+    are blended by a linear ramp."""
+    attention_factor: float = 0.0
+    """RoPE's cos and sin are multiplied by this (so attention scores by its square); 0: the paper's
+    0.1 ln(factor) + 1."""
+    truncate: bool = True
+    """Round the ramp's ends to whole dims (floor, ceil), as `transformers` does by default."""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 4096
     """Token ids the embedding covers; a trained tokenizer gets this many entries."""
@@ -68,7 +88,12 @@ class ModelConfig:
     mlp_dim: int = 768
     """Hidden width of the GeGLU MLP."""
     rope_theta: float = 10_000.0
-    """RoPE base frequency."""
+    """RoPE base frequency (of the global layers when `rope_local_theta` is set)."""
+    rope_local_theta: float = 0.0
+    """RoPE base frequency of the local (sliding-window) layers; 0: `rope_theta`. Gemma-3: 10000 local, with
+    `rope_theta` 1000000 global."""
+    yarn: YarnConfig = field(default_factory=YarnConfig)
+    """YaRN scaling of the global layers' RoPE (see the `model.yarn.*` keys)."""
     sliding_window: int = 0
     """Gemma-3 interleaves local and global layers: with `sliding_window` > 0 the local layers see only the
     last `sliding_window` tokens; 0: every layer is global."""
@@ -78,6 +103,11 @@ class ModelConfig:
     """RMSNorm on queries and keys before RoPE."""
     final_logit_softcap: float = 0.0
     """Logits become `c * tanh(logits / c)` with this `c`; 0: no cap."""
+    attn_logit_softcap: float = 0.0
+    """Attention scores (after scaling) become `c * tanh(scores / c)` with this `c`; 0: no cap (Gemma-2: 50)."""
+    query_pre_attn_scalar: float = 0.0
+    """Attention scores are scaled by `query_pre_attn_scalar ** -0.5`; 0: `head_dim` (the usual
+    `head_dim ** -0.5`). Gemma-3 27B: d_model / n_heads = 168 with head_dim 128."""
     tie_embeddings: bool = True
     """The output matrix is the transposed input embedding; false adds a separate `unembed` matrix."""
     norm_eps: float = 1e-6
@@ -128,7 +158,8 @@ class DataConfig:
     """Fraction of the corpus's documents kept out of training for the held-out loss."""
     cache_dir: str = ""
     """Where the store built from `corpus` is cached, under a key of its content (files, sizes, mtimes,
-    tokenizer, settings), so that runs on the same corpus share it; empty: `<run_dir>/data`."""
+    tokenizer, settings), so that runs on the same corpus share it, with the records of which store files were
+    verified against their manifest (`verified/`); empty: `<run_dir>/data`."""
     sources: tuple[SourceConfig, ...] = ()
     """A mixture of prebuilt stores (each with a held-out split); replaces `corpus`."""
     mixture_schedule: tuple[MixtureChange, ...] = ()
@@ -328,6 +359,9 @@ FRACTION, DECAY = Bounds(0.0, 1.0), Bounds(0.0, 1.0, high_open=True)
 # key listed here is a float key.
 FLOAT_BOUNDS: dict[str, Bounds] = {
     "model.rope_theta": POSITIVE, "model.final_logit_softcap": NON_NEGATIVE, "model.norm_eps": POSITIVE,
+    "model.rope_local_theta": NON_NEGATIVE, "model.attn_logit_softcap": NON_NEGATIVE,
+    "model.query_pre_attn_scalar": NON_NEGATIVE, "model.yarn.factor": Bounds(1.0),
+    "model.yarn.beta_fast": POSITIVE, "model.yarn.beta_slow": POSITIVE, "model.yarn.attention_factor": NON_NEGATIVE,
     "data.heldout_fraction": Bounds(0.0, 1.0, low_open=True, high_open=True),
     "data.sources[].weight": NON_NEGATIVE, "data.sources[].max_epochs": NON_NEGATIVE,
     "data.mixture_schedule[].weights": NON_NEGATIVE,
@@ -607,6 +641,14 @@ def validate(cfg: Config) -> Config:
         )
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")
+    if m.yarn.factor > 1 and m.yarn.original_max_position_embeddings <= 0:
+        raise ConfigError(f"model.yarn.factor={m.yarn.factor} needs model.yarn.original_max_position_embeddings > 0 "
+                          "(the pretraining context length)")
+    if m.yarn.original_max_position_embeddings < 0:
+        raise ConfigError(f"model.yarn.original_max_position_embeddings={m.yarn.original_max_position_embeddings} "
+                          "must be >= 0")
+    if m.yarn.beta_slow >= m.yarn.beta_fast:
+        raise ConfigError(f"model.yarn.beta_slow={m.yarn.beta_slow} must be < model.yarn.beta_fast={m.yarn.beta_fast}")
     for key, value in {"model.sliding_window": m.sliding_window, "train.stop_at": t.stop_at,
                        "optim.warmup_steps": o.warmup_steps, "train.sample_tokens": t.sample_tokens,
                        "train.max_restarts": t.max_restarts, "train.sdc_every": t.sdc_every,

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from keel.config import ModelConfig, load_config
+from keel.config import ModelConfig, YarnConfig, load_config
 from keel.kernels.reference import attention
 from keel.model import transformer as T
 
@@ -173,3 +173,51 @@ def test_bfloat16_compute_stays_close_to_float32(params):
     bf16 = T.forward(params, tokens, seg, pos, dataclasses.replace(CFG, compute_dtype="bfloat16"))
     assert bf16.dtype == jnp.float32
     np.testing.assert_allclose(bf16, f32, atol=0.15)
+
+
+def test_attention_scale_and_softcap_match_the_written_out_reference():
+    """query_pre_attn_scalar sets the scale to s ** -0.5; the softcap is c * tanh(scores / c) before the mask."""
+    B, L, H, K, D = 1, 6, 4, 2, 8
+    ks = jax.random.split(jax.random.key(5), 3)
+    q, k, v = (jax.random.normal(kk, (B, L, n, D)) * 3 for kk, n in zip(ks, (H, K, K), strict=True))
+    seg = jnp.ones((B, L), jnp.int32)
+    got = attention(q, k, v, seg, 0, softcap=2.0, scale=12.0 ** -0.5)
+    qn, kn, vn = map(np.asarray, (q, k, v))
+    want = np.zeros_like(qn)
+    for h in range(H):
+        for i in range(L):
+            s = np.array([qn[0, i, h] @ kn[0, j, h // 2] for j in range(i + 1)]) * 12.0 ** -0.5
+            s = 2.0 * np.tanh(s / 2.0)
+            w = np.exp(s - s.max())
+            want[0, i, h] = (w / w.sum()) @ vn[0, : i + 1, h // 2]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_model_knobs_change_the_logits_only_where_they_apply(params):
+    """Each knob changes the model; the local RoPE base acts on local layers only (all-global: no change),
+    and YaRN (on global layers) leaves an all-local model alone."""
+    tokens, seg, pos = _inputs(1, 12)
+    base = T.forward(params, tokens, seg, pos, CFG)
+    yarn = YarnConfig(factor=4.0, original_max_position_embeddings=4)
+    for knob in ({"query_pre_attn_scalar": 20.0}, {"attn_logit_softcap": 0.5}, {"yarn": yarn}):
+        assert not np.allclose(T.forward(params, tokens, seg, pos, dataclasses.replace(CFG, **knob)), base)
+    np.testing.assert_array_equal(T.forward(params, tokens, seg, pos, dataclasses.replace(CFG, rope_local_theta=99.0)),
+                                  base)  # no local layers
+    local = dataclasses.replace(CFG, sliding_window=5, global_every=100)
+    local_base = T.forward(params, tokens, seg, pos, local)
+    np.testing.assert_array_equal(T.forward(params, tokens, seg, pos, dataclasses.replace(local, yarn=yarn)),
+                                  local_base)
+    assert not np.allclose(T.forward(params, tokens, seg, pos, dataclasses.replace(local, rope_local_theta=99.0)),
+                           local_base)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.yarn.factor=0.5", ">= 1"), ("model.yarn.factor=4", "original_max_position_embeddings"),
+    ("model.yarn.beta_slow=40", "beta_slow"), ("model.query_pre_attn_scalar=-1", ">= 0"),
+    ("model.attn_logit_softcap=-2", ">= 0"), ("model.rope_local_theta=-1", ">= 0"),
+])
+def test_model_knob_ranges_are_checked(override, words):
+    from keel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        load_config("tiny", [override])

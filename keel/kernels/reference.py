@@ -31,17 +31,32 @@ def attention(
     segment_ids_BL: jax.Array,
     window: jax.Array | int = 0,
     softcap: float = 0.0,
+    scale: float | None = None,
 ) -> jax.Array:
-    """Masked softmax attention with H query heads sharing K key/value heads (H % K == 0). Returns o_BLHD."""
+    """Masked softmax attention with H query heads sharing K key/value heads (H % K == 0). Returns o_BLHD.
+    Scores are q.k times `scale` (default head_dim ** -0.5), then capped to `softcap * tanh(s / softcap)` if
+    `softcap` > 0."""
+    return masked_attention(q_BLHD, k_BLKD, v_BLKD, attention_mask(segment_ids_BL, window), softcap, scale)
+
+
+def masked_attention(
+    q_BLHD: jax.Array,
+    k_BMKD: jax.Array,
+    v_BMKD: jax.Array,
+    mask_B1LM: jax.Array,
+    softcap: float = 0.0,
+    scale: float | None = None,
+) -> jax.Array:
+    """`attention` with an explicit mask: query l attends to key m where mask_B1LM[b, 0, l, m]. The KV-cache
+    decoder (keel/model/generate.py) calls it with its cache as the M keys."""
     B, L, H, D = q_BLHD.shape
-    K = k_BLKD.shape[2]
+    K = k_BMKD.shape[2]
     q_BLKGD = q_BLHD.reshape(B, L, K, H // K, D)
-    scores_BKGLM = jnp.einsum("blkgd,bmkd->bkglm", q_BLKGD, k_BLKD, preferred_element_type=jnp.float32)
-    scores_BKGLM = scores_BKGLM * (D**-0.5)
+    scores_BKGLM = jnp.einsum("blkgd,bmkd->bkglm", q_BLKGD, k_BMKD, preferred_element_type=jnp.float32)
+    scores_BKGLM = scores_BKGLM * (D**-0.5 if scale is None else scale)
     if softcap > 0:
         scores_BKGLM = softcap * jnp.tanh(scores_BKGLM / softcap)
-    mask_B11LL = attention_mask(segment_ids_BL, window)[:, :, None]
-    scores_BKGLM = jnp.where(mask_B11LL, scores_BKGLM, MASKED)
-    probs_BKGLM = jax.nn.softmax(scores_BKGLM, axis=-1).astype(v_BLKD.dtype)
-    o_BLKGD = jnp.einsum("bkglm,bmkd->blkgd", probs_BKGLM, v_BLKD)
+    scores_BKGLM = jnp.where(mask_B1LM[:, :, None], scores_BKGLM, MASKED)
+    probs_BKGLM = jax.nn.softmax(scores_BKGLM, axis=-1).astype(v_BMKD.dtype)
+    o_BLKGD = jnp.einsum("bkglm,bmkd->blkgd", probs_BKGLM, v_BMKD)
     return o_BLKGD.reshape(B, L, H, D)

@@ -16,8 +16,9 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from keel.config import ModelConfig, RematPolicy, check_registry
+from keel.config import ModelConfig, RematPolicy, YarnConfig, check_registry
 from keel.kernels.reference import attention
 from keel.parallel.sharding import LogicalAxes, Sharder
 
@@ -160,13 +161,103 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
 
 
-def rope(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
-    D = x_BLHD.shape[-1]
-    inv_freq = theta ** (-jnp.arange(0, D, 2, dtype=jnp.float32) / D)
-    angles_BLF = positions_BL[..., None].astype(jnp.float32) * inv_freq
+# RoPE. Global layers rotate with `rope_theta` (YaRN-scaled when model.yarn.factor > 1), local (sliding-window)
+# layers with `rope_local_theta`, unscaled, as Gemma-3 does. Both halves of head_dim are rotated as pairs
+# (i, i + head_dim / 2), the "rotate half" layout of Gemma and `transformers`.
+
+
+def default_inv_freq(theta: float, head_dim: int) -> jax.Array:
+    """Inverse frequencies_F (F = head_dim / 2) of plain RoPE."""
+    return theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+
+
+def yarn_attention_factor(y: YarnConfig) -> float:
+    """The factor YaRN multiplies cos and sin by: `attention_factor`, or the paper's 0.1 ln(factor) + 1."""
+    if y.attention_factor > 0:
+        return y.attention_factor
+    return 0.1 * math.log(y.factor) + 1.0 if y.factor > 1 else 1.0
+
+
+def yarn_inv_freq(theta: float, head_dim: int, y: YarnConfig) -> np.ndarray:
+    """Inverse frequencies_F of YaRN-scaled RoPE, computed as `transformers`' `_compute_yarn_parameters` does,
+    operation for operation in float32: a dim that turns more than `beta_fast` times over the original context
+    keeps its frequency, one that turns fewer than `beta_slow` times is divided by `factor`, and a linear ramp
+    over the dims (its ends rounded outwards when `truncate`) blends the two in between."""
+    f32 = np.float32
+
+    def dim_of(rotations: float) -> float:  # the dim that turns `rotations` times over the original context
+        return head_dim * math.log(y.original_max_position_embeddings / (rotations * 2 * math.pi)) \
+            / (2 * math.log(theta))
+
+    low, high = dim_of(y.beta_fast), dim_of(y.beta_slow)
+    if y.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp_F = np.clip((np.arange(head_dim // 2, dtype=f32) - f32(low)) / f32(high - low), f32(0), f32(1))
+    keep_F = f32(1) - ramp_F  # 1: extrapolate (keep the frequency), 0: interpolate (divide by factor)
+    pos_freqs_F = f32(theta) ** (np.arange(0, head_dim, 2).astype(f32) / f32(head_dim))
+    extrapolated_F = f32(1) / pos_freqs_F
+    interpolated_F = f32(1) / (f32(y.factor) * pos_freqs_F)
+    return (interpolated_F * (f32(1) - keep_F) + extrapolated_F * keep_F).astype(f32)
+
+
+def rope_frequencies(cfg: ModelConfig, local: bool) -> tuple[jax.Array, float]:
+    """(inverse frequencies_F, factor on cos and sin) of the local or the global layers."""
+    if local:
+        return default_inv_freq(cfg.rope_local_theta or cfg.rope_theta, cfg.head_dim), 1.0
+    if cfg.yarn.factor > 1:
+        return jnp.asarray(yarn_inv_freq(cfg.rope_theta, cfg.head_dim, cfg.yarn)), yarn_attention_factor(cfg.yarn)
+    return default_inv_freq(cfg.rope_theta, cfg.head_dim), 1.0
+
+
+def local_rope_differs(cfg: ModelConfig) -> bool:
+    """Whether local layers rotate differently from global ones (else one table serves every layer)."""
+    return cfg.sliding_window > 0 and (cfg.rope_local_theta not in (0.0, cfg.rope_theta) or cfg.yarn.factor > 1)
+
+
+RopeTable = tuple[jax.Array, jax.Array]
+"""(cos_BL1F, sin_BL1F) at a batch of positions, broadcast over heads."""
+
+
+def rope_table(positions_BL: jax.Array, inv_freq_F: jax.Array, factor: float = 1.0) -> RopeTable:
+    angles_BLF = positions_BL[..., None].astype(jnp.float32) * inv_freq_F
     sin, cos = jnp.sin(angles_BLF)[:, :, None], jnp.cos(angles_BLF)[:, :, None]
+    if factor != 1.0:
+        sin, cos = sin * factor, cos * factor
+    return cos, sin
+
+
+def rope_tables(positions_BL: jax.Array, cfg: ModelConfig) -> tuple[RopeTable, RopeTable | None]:
+    """The global layers' table and the local layers' one (None when they are the same)."""
+    glob = rope_table(positions_BL, *rope_frequencies(cfg, local=False))
+    return glob, rope_table(positions_BL, *rope_frequencies(cfg, local=True)) if local_rope_differs(cfg) else None
+
+
+def layer_rope(tables: tuple[RopeTable, RopeTable | None], window: jax.Array) -> RopeTable:
+    """The table of a layer with attention window `window` (0: global; traced inside the layer scan)."""
+    glob, local = tables
+    if local is None:
+        return glob
+    is_local = window > 0
+    return jnp.where(is_local, local[0], glob[0]), jnp.where(is_local, local[1], glob[1])
+
+
+def apply_rope(x_BLHD: jax.Array, table: RopeTable) -> jax.Array:
+    cos, sin = table
     x1, x2 = jnp.split(x_BLHD.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLHD.dtype)
+
+
+def rope(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+    """Plain RoPE with base `theta`."""
+    return apply_rope(x_BLHD, rope_table(positions_BL, default_inv_freq(theta, x_BLHD.shape[-1])))
+
+
+def attention_scale(cfg: ModelConfig) -> float | None:
+    """`query_pre_attn_scalar ** -0.5`; None: the attention's default, head_dim ** -0.5."""
+    return cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar > 0 else None
 
 
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
@@ -181,6 +272,55 @@ def _no_constraint(x: jax.Array, logical: LogicalAxes) -> jax.Array:
     return x
 
 
+def embed(params: Params, tokens_BL: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """x_BLD: the token embeddings times sqrt(d_model), in the compute dtype."""
+    dtype = compute_dtype(cfg)
+    return jnp.take(params["embed"], tokens_BL, axis=0).astype(dtype) * jnp.asarray(math.sqrt(cfg.d_model), dtype)
+
+
+def attention_inputs(p: Params, x_BLD: jax.Array, table: RopeTable, cfg: ModelConfig,
+                     constrain: Callable = _no_constraint) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q_BLHD, k_BLKD (normed and rotated) and v_BLKD of one layer (`p`: its parameters in the compute dtype)."""
+    eps = cfg.norm_eps
+    h_BLD = rms_norm(x_BLD, p["attn_norm"], eps)
+    q_BLHD = dense(h_BLD, p["wq"])
+    k_BLKD = dense(h_BLD, p["wk"])
+    v_BLKD = dense(h_BLD, p["wv"])
+    if cfg.qk_norm:
+        q_BLHD = rms_norm(q_BLHD, p["q_norm"], eps)
+        k_BLKD = rms_norm(k_BLKD, p["k_norm"], eps)
+    q_BLHD = constrain(apply_rope(q_BLHD, table), ("batch", "seq", "heads", "head_dim"))
+    k_BLKD = constrain(apply_rope(k_BLKD, table), ("batch", "seq", "kv_heads", "head_dim"))
+    return q_BLHD, k_BLKD, v_BLKD
+
+
+def layer_output(p: Params, x_BLD: jax.Array, o_BLHD: jax.Array, cfg: ModelConfig,
+                 constrain: Callable = _no_constraint) -> jax.Array:
+    """The residual stream after one layer: attention output projected and normed, then the GeGLU MLP."""
+    eps = cfg.norm_eps
+    attn_BLD = dense(o_BLHD, p["wo"], n_in=2)
+    x_BLD = x_BLD + rms_norm(attn_BLD, p["post_attn_norm"], eps)
+    h_BLD = rms_norm(x_BLD, p["mlp_norm"], eps)
+    gate_BLF = jax.nn.gelu(dense(h_BLD, p["w_gate"]), approximate=True)
+    up_BLF = dense(h_BLD, p["w_up"])
+    hidden_BLF = constrain(gate_BLF * up_BLF, ("batch", "seq", "mlp"))
+    mlp_BLD = dense(hidden_BLF, p["w_down"])
+    x_BLD = x_BLD + rms_norm(mlp_BLD, p["post_mlp_norm"], eps)
+    return constrain(x_BLD, ("batch", "seq", "embed"))
+
+
+def output_logits(params: Params, x_BLD: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """logits_BLV (float32) from the last layer's residual stream: final norm, tied (or own) output matrix,
+    optional softcap."""
+    x_BLD = rms_norm(x_BLD, params["final_norm"], cfg.norm_eps)
+    unembed_DV = params.get("unembed", params["embed"].T)
+    logits_BLV = dense(x_BLD, unembed_DV.astype(compute_dtype(cfg))).astype(jnp.float32)
+    if cfg.final_logit_softcap > 0:
+        c = cfg.final_logit_softcap
+        logits_BLV = c * jnp.tanh(logits_BLV / c)
+    return logits_BLV
+
+
 def forward(
     params: Params,
     tokens_BL: jax.Array,
@@ -192,45 +332,22 @@ def forward(
     """Logits_BLV (float32) for packed sequences; attention never crosses a segment (document) boundary."""
     constrain = sharder.constrain if sharder is not None else _no_constraint
     dtype = compute_dtype(cfg)
-    eps = cfg.norm_eps
-    embed_VD = params["embed"]
-    x_BLD = jnp.take(embed_VD, tokens_BL, axis=0).astype(dtype) * jnp.asarray(math.sqrt(cfg.d_model), dtype)
-    x_BLD = constrain(x_BLD, ("batch", "seq", "embed"))
+    x_BLD = constrain(embed(params, tokens_BL, cfg), ("batch", "seq", "embed"))
+    tables = rope_tables(positions_BL, cfg)
+    scale = attention_scale(cfg)
 
     def layer(x_BLD: jax.Array, xs: tuple[Params, jax.Array]) -> tuple[jax.Array, None]:
         p, window = xs
         p = jax.tree.map(lambda w: w.astype(dtype), p)
-        h_BLD = rms_norm(x_BLD, p["attn_norm"], eps)
-        q_BLHD = dense(h_BLD, p["wq"])
-        k_BLKD = dense(h_BLD, p["wk"])
-        v_BLKD = dense(h_BLD, p["wv"])
-        if cfg.qk_norm:
-            q_BLHD = rms_norm(q_BLHD, p["q_norm"], eps)
-            k_BLKD = rms_norm(k_BLKD, p["k_norm"], eps)
-        q_BLHD = constrain(rope(q_BLHD, positions_BL, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
-        k_BLKD = constrain(rope(k_BLKD, positions_BL, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
-        o_BLHD = attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, window)
-        attn_BLD = dense(o_BLHD, p["wo"], n_in=2)
-        x_BLD = x_BLD + rms_norm(attn_BLD, p["post_attn_norm"], eps)
-        h_BLD = rms_norm(x_BLD, p["mlp_norm"], eps)
-        gate_BLF = jax.nn.gelu(dense(h_BLD, p["w_gate"]), approximate=True)
-        up_BLF = dense(h_BLD, p["w_up"])
-        hidden_BLF = constrain(gate_BLF * up_BLF, ("batch", "seq", "mlp"))
-        mlp_BLD = dense(hidden_BLF, p["w_down"])
-        x_BLD = x_BLD + rms_norm(mlp_BLD, p["post_mlp_norm"], eps)
-        return constrain(x_BLD, ("batch", "seq", "embed")), None
+        q_BLHD, k_BLKD, v_BLKD = attention_inputs(p, x_BLD, layer_rope(tables, window), cfg, constrain)
+        o_BLHD = attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, window, cfg.attn_logit_softcap, scale)
+        return layer_output(p, x_BLD, o_BLHD, cfg, constrain), None
 
     policy = REMAT_POLICIES[cfg.remat]
     if cfg.remat != "none":
         layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
     x_BLD, _ = jax.lax.scan(layer, x_BLD, (params["layers"], layer_windows(cfg)))
-    x_BLD = rms_norm(x_BLD, params["final_norm"], eps)
-    unembed_DV = params.get("unembed", embed_VD.T)
-    logits_BLV = dense(x_BLD, unembed_DV.astype(dtype)).astype(jnp.float32)
-    if cfg.final_logit_softcap > 0:
-        c = cfg.final_logit_softcap
-        logits_BLV = c * jnp.tanh(logits_BLV / c)
-    return constrain(logits_BLV, ("batch", "seq", "vocab"))
+    return constrain(output_logits(params, x_BLD, cfg), ("batch", "seq", "vocab"))
 
 
 def loss_fn(
