@@ -58,6 +58,9 @@ def dry_run(cfg) -> int:
     print(f"FLOPs per token:   {_human(flops)} (training, 6N + attention)")
     print(f"tokens per step:   {tokens:,}; whole run {_human(tokens * cfg.train.steps)} tokens, "
           f"{_human(flops * tokens * cfg.train.steps)} FLOPs")
+    from keel.train.fit import fit_report
+
+    print(fit_report(cfg)[1])  # the predicted bytes per device against this machine's devices
     return 0
 
 
@@ -79,8 +82,28 @@ def cmd_goodput(args: argparse.Namespace) -> int:
     return commands.run(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from keel.plan import commands
+
+    return commands.run(args)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from keel.evaluate import commands
+
+    return commands.run_generate(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from keel.evaluate import commands
+
+    return commands.run_eval(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": cmd_train, "data": cmd_data,
-                                                          "burnin": cmd_burnin, "goodput": cmd_goodput}
+                                                          "burnin": cmd_burnin, "goodput": cmd_goodput,
+                                                          "plan": cmd_plan}
+COMMANDS |= {"generate": cmd_generate, "eval": cmd_eval}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,10 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_distributed_args(t)
     from keel.goodput import commands as goodput_commands
+    from keel.plan import commands as plan_commands
 
     data_commands.add_parser(sub)
     diag_commands.add_parser(sub)
     goodput_commands.add_parser(sub)
+    plan_commands.add_parser(sub)
+    from keel.evaluate import commands as evaluate_commands
+
+    evaluate_commands.add_parsers(sub)
     return parser
 
 

@@ -43,3 +43,16 @@ def test_an_error_with_a_library_cause_keeps_its_one_line(monkeypatch, capsys, t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("keel: checkpoint error: checkpoint 60 cannot be restored")
     assert "device lost" in Path(re.search(r"traceback: (\S+)\)", err[0]).group(1)).read_text()
+
+
+def test_a_run_that_cannot_fit_stops_before_anything_is_allocated(tiny_args, capsys):
+    from keel.train.events import read_events
+
+    run = Path(next(a.split("=", 1)[1] for a in tiny_args if a.startswith("run_dir=")))
+    assert cli.main(["train", "--no-progress", *tiny_args, "model.d_model=1000000", "model.mlp_dim=4000000"]) == 2
+    err = capsys.readouterr().err
+    assert "the run does not fit: about" in err and "GiB per device predicted" in err and "mesh.fsdp" in err
+    kinds = [e["kind"] for e in read_events(run / "events" / "host0000.jsonl")]
+    assert "data_prepare" not in kinds and "init" not in kinds and not (run / "checkpoints").exists()
+    assert cli.main(["train", "--dry-run", *tiny_args, "model.d_model=1000000", "model.mlp_dim=4000000"]) == 0
+    assert "the run does not fit" in capsys.readouterr().out  # --dry-run prints the same estimate

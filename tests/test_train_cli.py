@@ -31,7 +31,8 @@ def _train(args, *extra):
 def test_train_end_to_end(tiny_args, capsys):
     assert _train(tiny_args, "train.steps=30", "train.eval_every=15", "optim.warmup_steps=3", "optim.lr=1e-2") == 0
     out = capsys.readouterr().out
-    for words in ("held-out loss", "unigram entropy", "tokens seen", "wall time", "sample (greedy)"):
+    for words in ("held-out loss", "held-out bits/byte", "unigram entropy", "tokens seen", "wall time",
+                  "sample (temperature"):
         assert words in out
     run = _run_dir(tiny_args)
     assert (run / "tokenizer.json").exists() and (run / "config.yaml").exists()
@@ -243,7 +244,7 @@ def test_sigterm_checkpoints_within_a_step_and_exits_143_without_eval_or_sample(
     assert (run / "checkpoints" / str(preempted["step"])).exists()
     after = kinds[kinds.index("preempted"):]
     assert "eval" not in after and "step" not in after
-    assert "sample (greedy)" not in log.read_text()
+    assert "sample (temperature" not in log.read_text()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["reason"] == "signal" and summary["step"] == preempted["step"]
     assert summary["sample"] is None and summary["heldout_loss"] is None  # strict JSON: null, not NaN

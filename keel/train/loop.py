@@ -42,12 +42,14 @@ from keel.errors import (
     Preempted,
     SilentDataCorruption,
 )
+from keel.evaluate.bpb import heldout_bits_per_byte
 from keel.io import atomic_write, exclusive
 from keel.model import transformer
-from keel.model.sampling import greedy_sample
+from keel.model.sampling import READABLE, readable_sample
 from keel.train.checkpoint import Checkpointer
 from keel.train.events import EventLog
 from keel.train.faults import Faults
+from keel.train.fit import check_fit
 from keel.train.mfu import peak_flops_per_device
 from keel.train.observe import Evaluator, StepLogger, Stopper, metrics_writer
 from keel.train.plan import StepPlan, read_decisions
@@ -69,6 +71,7 @@ class Summary:
     steps: int
     train_loss: float
     heldout_loss: float
+    heldout_bits_per_byte: float  # tokenizer-independent: runs with different tokenizers compare
     unigram_entropy: float
     tokens_seen: int
     wall_s: float
@@ -102,6 +105,8 @@ class Summary:
             ("final train loss", f"{self.train_loss:.4f} nats"),
             ("held-out loss", f"{self.heldout_loss:.4f} nats" if math.isfinite(self.heldout_loss)
                               else "not measured (a signal came: no final evaluation)"),
+            ("held-out bits/byte", f"{self.heldout_bits_per_byte:.4f}" if math.isfinite(self.heldout_bits_per_byte)
+                                   else "not measured"),
             ("unigram entropy", f"{self.unigram_entropy:.4f} nats" + (
                 f"  (held-out loss is {100 * self.below_unigram:.1f}% below it)"
                 if math.isfinite(self.heldout_loss) else "")),
@@ -111,7 +116,7 @@ class Summary:
         width = max(len(k) for k, _ in rows)
         lines = [f"{k:<{width}}  {v}" for k, v in rows]
         if self.sample is not None:
-            lines.append("sample (greedy):")
+            lines.append(f"sample (temperature {READABLE.temperature:g}, top-p {READABLE.top_p:g}):")
             lines.extend("  | " + line for line in self.sample.splitlines() or [""])
         return "\n".join(lines)
 
@@ -240,6 +245,7 @@ class Trainer:
               devices: Sequence[jax.Device] | None) -> Trainer:
         """Data, run and checkpointer (closed by `stack`, last: whatever happens, the last save is written)."""
         host = jax.process_index()
+        check_fit(cfg, devices, log)  # before anything is read or allocated
         with events.span("data_prepare"):
             data = prepare_data(cfg, run_dir, log=log, progress=progress, host=host)
         if host == 0 and not (run_dir / "tokenizer.json").exists():
@@ -365,17 +371,19 @@ class Trainer:
         step): no evaluation, no sample."""
         cfg, data = self.cfg, self.data
         end = int(state.step)
-        heldout, sample = float("nan"), None
+        heldout, bpb, sample = float("nan"), float("nan"), None
         if self.stopper.signal is None:
-            heldout = self.evaluator.at(end, state.params)[0]
+            heldout, by_source = self.evaluator.at(end, state.params)
+            bpb = heldout_bits_per_byte(data, by_source, cfg.train.eval_batches)[0]
             prompt = [data.bos_id] + data.tokenizer.encode(cfg.train.sample_prompt, add_special_tokens=False).ids
-            ids = greedy_sample(state.params, prompt, cfg.train.sample_tokens, cfg.model, data.eos_id,
-                                out_sharding=self.run.replicated)
+            ids = readable_sample(state.params, prompt, cfg.train.sample_tokens, cfg.model, data.eos_id,
+                                  out_sharding=self.run.replicated)
             sample = cfg.train.sample_prompt + data.tokenizer.decode(ids)
         summary = Summary(
             run_dir=str(self.run_dir), start_step=start, step=end, steps=cfg.train.steps,
             train_loss=self.logger.last_loss if start < end else math.nan, heldout_loss=heldout,
-            unigram_entropy=unigram_entropy(data), tokens_seen=end * cfg.train.batch_size * cfg.data.seq_len,
+            heldout_bits_per_byte=bpb, unigram_entropy=unigram_entropy(data),
+            tokens_seen=end * cfg.train.batch_size * cfg.data.seq_len,
             wall_s=time.monotonic() - t_start, sample=sample, reason=reason,
         )
         self.events.emit("end", step=end, heldout_loss=_finite_or_none(heldout), stopped_early=summary.stopped_early,
