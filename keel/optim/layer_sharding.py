@@ -8,11 +8,11 @@ holding copies (its *replica axes*, e.g. `data`). The plan, made once per trace 
 1. **Groups.** Stacks with the same matrix shape, dtype and sharding (`wk` and `wv`, `w_gate` and `w_up`) are
    one group: their local blocks are concatenated on the layer axis.
 2. **Bin-packing.** Every matrix of every group is a job costing its Newton–Schulz FLOPs. The jobs go, largest
-   first, to the device whose load stays lowest (LPT, as Megatron's layer-wise distributed optimizer assigns
-   whole parameters to ranks by size); a group's matrices may go to any device of the mesh (its *pool*: shard
-   axes x replica axes). The busiest device's load approaches max(total / devices, largest matrix). The
-   packing decides how many matrices of each group a device gets; which ones is free (they cost the same),
-   so each device takes a contiguous run of layers.
+   first, to the device whose load stays lowest (LPT bin-packing; as in a layer-wise distributed optimizer,
+   Megatron's, each whole matrix belongs to one device); a group's matrices may go to any device of the mesh
+   (its *pool*: shard axes x replica axes). The busiest device's load approaches max(total / devices, largest
+   matrix). The packing decides how many matrices of each group a device gets; which ones is free (they cost
+   the same), so each device takes a contiguous run of layers.
 3. **Slots.** In each group every device has `k` slots (the most matrices of that group any device got);
    the unfilled ones are padding that is moved as zeros but never computed (the device loops over its own
    count of filled slots).

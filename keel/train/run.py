@@ -109,7 +109,8 @@ def build_run(cfg: Config, bos: int, pad: int, devices: Sequence[jax.Device] | N
     param_shardings = sharder.tree(transformer.abstract_params(cfg.model), transformer.logical_axes(cfg.model))
     tx, schedule = build_optimizer(cfg, param_shardings, mesh)
     if cfg.optim.name == "muon":
-        log(f"optimizer partition (Muon strategy {cfg.optim.muon_strategy}):\n{describe_partition(cfg.model)}")
+        partition = describe_partition(cfg.model, mesh, cfg.optim.muon_ns_steps)
+        log(f"optimizer partition (Muon strategy {cfg.optim.muon_strategy}):\n{partition}")
     abstract = abstract_state(cfg, tx)
     replicated = sharder.replicated()
     state_shardings = TrainState(param_shardings, shard_like(abstract.opt_state, param_shardings, replicated),
