@@ -160,6 +160,7 @@ def test_skip_update_stops_after_too_many_spikes_in_a_row(tiny_args, monkeypatch
 # ------------------------------------------------------------------------------- hangs, restarts, caches
 
 
+@pytest.mark.slow  # two training processes and a watchdog timeout: ~35 s
 def test_a_hang_dumps_stacks_and_the_supervisor_restarts_to_the_same_result(tiny_args, tmp_path):
     """The real console entry point: step 5 hangs; the watchdog writes every thread's stack, records the hang
     and exits 6; the supervisor restarts the training from the checkpoint at 4, and the final parameters are
