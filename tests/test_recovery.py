@@ -105,6 +105,7 @@ SPIKY = ["spike.window=16", "spike.min_history=4", "spike.threshold=6", "train.s
          "train.eval_every=12", "optim.warmup_steps=2"]
 
 
+@pytest.mark.slow  # keeps the fast suite under its 4-minute budget
 def test_skip_update_leaves_the_spiking_step_without_an_update(tiny_args, monkeypatch):
     """A batch of random tokens at step 6 spikes the loss: under skip_update the parameters after step 6 are
     those after step 5 (bitwise), the step is marked, and the run goes on."""
@@ -218,6 +219,7 @@ def test_supervisor_restarts_only_what_a_restart_can_cure(tmp_path):
     assert any("restart 2 of 3" in line for line in lines)
 
 
+@pytest.mark.slow  # keeps the fast suite under its 4-minute budget
 def test_sdc_check_passes_on_healthy_devices_and_catches_a_flipped_bit(tiny_args, monkeypatch, capsys):
     """Every 2 steps the step is recomputed on the 8 devices and on a rotation of them: healthy devices agree
     bitwise (the run finishes, each check a `badput` span); one flipped bit in a parameter on the rotated mesh
