@@ -33,6 +33,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 # on them (`REMAT_POLICIES`, `OPTIMIZERS`, Muon's `STRATEGIES` and `SCALINGS`) are checked against these at
 # import by `check_registry`.
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+AttentionImpl = Literal["xla", "pallas", "cudnn", "auto"]
 ParamDtype = Literal["float32", "bfloat16"]
 ComputeDtype = Literal["auto", "float32", "bfloat16"]
 OptimizerName = Literal["adamw", "muon"]
@@ -108,6 +109,11 @@ class ModelConfig:
     query_pre_attn_scalar: float = 0.0
     """Attention scores are scaled by `query_pre_attn_scalar ** -0.5`; 0: `head_dim` (the usual
     `head_dim ** -0.5`). Gemma-3 27B: d_model / n_heads = 168 with head_dim 128."""
+    attention: AttentionImpl = "xla"
+    """Attention implementation: `xla` (the pure-JAX reference, keel/kernels/reference.py), `pallas` (keel's
+    flash kernels, keel/kernels/flash.py; Pallas interpret mode on CPU, slow, for tests), `cudnn`
+    (`jax.nn.dot_product_attention` on cuDNN with the document and window mask as an explicit L x L mask; NVIDIA
+    GPUs; no attention softcap), `auto` (`pallas` on GPUs, `xla` elsewhere)."""
     tie_embeddings: bool = True
     """The output matrix is the transposed input embedding; false adds a separate `unembed` matrix."""
     norm_eps: float = 1e-6
@@ -647,6 +653,9 @@ def validate(cfg: Config) -> Config:
     if m.yarn.original_max_position_embeddings < 0:
         raise ConfigError(f"model.yarn.original_max_position_embeddings={m.yarn.original_max_position_embeddings} "
                           "must be >= 0")
+    if m.attention == "cudnn" and m.attn_logit_softcap > 0:
+        raise ConfigError(f"model.attention=cudnn cannot apply model.attn_logit_softcap={m.attn_logit_softcap:g} "
+                          f"(cuDNN's attention has no softcap): use pallas or xla")
     if m.yarn.beta_slow >= m.yarn.beta_fast:
         raise ConfigError(f"model.yarn.beta_slow={m.yarn.beta_slow} must be < model.yarn.beta_fast={m.yarn.beta_fast}")
     for key, value in {"model.sliding_window": m.sliding_window, "train.stop_at": t.stop_at,

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from keel.config import ModelConfig, RematPolicy, YarnConfig, check_registry
-from keel.kernels.reference import attention
+from keel.config import ConfigError, ModelConfig, RematPolicy, YarnConfig, check_registry
+from keel.kernels.reference import attention, attention_mask
 from keel.parallel.sharding import LogicalAxes, Sharder
 
 Params = dict[str, Any]
@@ -260,6 +260,57 @@ def attention_scale(cfg: ModelConfig) -> float | None:
     return cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar > 0 else None
 
 
+# Attention implementations behind the reference's signature (q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, window,
+# softcap, scale) -> o_BLHD; `model.attention` names one (docs/kernels.md).
+
+AttentionFn = Callable[..., jax.Array]
+
+
+def cudnn_attention(q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array, segment_ids_BL: jax.Array,
+                    window: jax.Array | int = 0, softcap: float = 0.0, scale: float | None = None,
+                    implementation: str | None = "cudnn") -> jax.Array:
+    """`jax.nn.dot_product_attention` with keel's mask (causal, documents, the layer's window, which may be traced)
+    given as an explicit mask_B1LL; cuDNN has no softcap."""
+    if softcap > 0:
+        raise ValueError("cuDNN attention has no logit softcap")
+    dtype = q_BLHD.dtype
+    return jax.nn.dot_product_attention(q_BLHD, k_BLKD.astype(dtype), v_BLKD.astype(dtype),
+                                        mask=attention_mask(segment_ids_BL, window), scale=scale,
+                                        implementation=implementation)
+
+
+def resolve_attention(name: str) -> str:
+    """`auto`: keel's Pallas kernels on GPUs, the XLA reference elsewhere (TPU lowering of the kernels and the
+    GPU timing against cuDNN are still to be measured: docs/kernels.md)."""
+    if name != "auto":
+        return name
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def attention_fn(cfg: ModelConfig, sharder: Sharder | None, q_shape: tuple[int, ...], k_shape: tuple[int, ...]
+                 ) -> AttentionFn:
+    """The attention `cfg.attention` selects. A Pallas or cuDNN call is opaque to XLA's partitioner, so under a
+    mesh it runs per shard (`flash.shard_mapped`): batch and heads as the activations are sharded; when the
+    query and KV heads would split differently (KV heads not divisible by the tensor axis), heads are not split."""
+    impl = resolve_attention(cfg.attention)
+    if impl == "xla":
+        return attention
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(f"model.attention=cudnn needs an NVIDIA GPU; this process's devices are "
+                          f"{jax.default_backend()} (use xla, pallas or auto)")
+    from keel.kernels import flash  # Pallas loads only for a model that uses it
+
+    fn: AttentionFn = flash.flash_attention if impl == "pallas" else cudnn_attention
+    if sharder is None:
+        return fn
+    q_spec = sharder.spec(("batch", "seq", "heads", "head_dim"), q_shape)
+    kv_spec = sharder.spec(("batch", "seq", "kv_heads", "head_dim"), k_shape)
+    if q_spec[2:3] != kv_spec[2:3]:
+        q_spec = jax.P(*q_spec[:2], None, *q_spec[3:])
+        kv_spec = jax.P(*kv_spec[:2], None, *kv_spec[3:])
+    return flash.shard_mapped(fn, sharder.mesh, q_spec, kv_spec, jax.P(*q_spec[:2]))
+
+
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     """Contract the last `n_in` dims of x_BL... with the first `n_in` dims of w as one 2-D matmul over all
     B*L tokens. Same result as the einsum; XLA:CPU runs the backward of the batched 3-D form about 2x slower."""
@@ -340,7 +391,8 @@ def forward(
         p, window = xs
         p = jax.tree.map(lambda w: w.astype(dtype), p)
         q_BLHD, k_BLKD, v_BLKD = attention_inputs(p, x_BLD, layer_rope(tables, window), cfg, constrain)
-        o_BLHD = attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, window, cfg.attn_logit_softcap, scale)
+        attend = attention_fn(cfg, sharder, q_BLHD.shape, k_BLKD.shape)
+        o_BLHD = attend(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, window, cfg.attn_logit_softcap, scale)
         return layer_output(p, x_BLD, o_BLHD, cfg, constrain), None
 
     policy = REMAT_POLICIES[cfg.remat]

@@ -1,0 +1,85 @@
+"""`model.attention`: the implementations behind the reference's signature, in the model and on every mesh."""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from keel import cli
+from keel.config import ConfigError, MeshConfig, ModelConfig, load_config
+from keel.kernels.reference import attention
+from keel.model import transformer as T
+from keel.parallel.sharding import Sharder, make_mesh
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64,
+                  sliding_window=8, global_every=2, attn_logit_softcap=5.0, compute_dtype="float32")
+
+
+def _batch(B: int = 8, L: int = 32):
+    tokens = jax.random.randint(jax.random.key(1), (B, L), 0, 64)
+    segments = jnp.cumsum(jax.random.bernoulli(jax.random.key(2), 0.1, (B, L)), axis=1)  # packed documents
+    return tokens, segments, jnp.broadcast_to(jnp.arange(L), (B, L))
+
+
+@pytest.mark.parametrize("mesh", [MeshConfig(), MeshConfig(data=2, fsdp=2, tensor=2),
+                                  MeshConfig(data=2, fsdp=1, tensor=4), MeshConfig(data=1, fsdp=8, tensor=1)],
+                         ids=["data8", "2x2x2", "tensor4-kv2", "fsdp8"])
+def test_pallas_in_the_model_equals_xla_on_every_mesh(mesh):
+    """Forward and parameter gradients. tensor=4 with 2 KV heads: the KV heads cannot split four ways, so the
+    kernel runs with whole heads per shard."""
+    params = T.init_params(CFG, jax.random.key(0))
+    tokens, segments, positions = _batch()
+    sharder = Sharder(make_mesh(mesh))
+
+    def loss(p, cfg, sharder):  # noqa: ANN001, ANN202
+        return jnp.mean(T.forward(p, tokens, segments, positions, cfg, sharder) ** 2)
+
+    want = jax.value_and_grad(loss)(params, CFG, None)
+    got = jax.jit(jax.value_and_grad(functools.partial(loss, cfg=replace(CFG, attention="pallas"),
+                                                       sharder=sharder)))(params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-6)
+
+
+def test_the_cudnn_path_builds_the_reference_mask():
+    """What `cudnn` hands `jax.nn.dot_product_attention` (run here with its XLA implementation): documents, a
+    traced window, GQA and a scale give the reference's output."""
+    tokens, segments, _ = _batch(4, 24)
+    q = jax.random.normal(jax.random.key(3), (4, 24, 4, 8))
+    k, v = (jax.random.normal(jax.random.key(s), (4, 24, 2, 8)) for s in (4, 5))
+    xla_cudnn = functools.partial(T.cudnn_attention, implementation="xla")
+    for window in (0, 5):
+        got = jax.jit(lambda q, k, v, s, w: xla_cudnn(q, k, v, s, w, 0.0, 0.3))(q, k, v, segments, jnp.int32(window))
+        np.testing.assert_allclose(got, attention(q, k, v, segments, window, 0.0, 0.3), atol=2e-6)
+
+
+def test_cudnn_is_refused_where_it_cannot_run_or_cap():
+    with pytest.raises(ConfigError, match="no softcap"):
+        load_config("tiny", ["model.attention=cudnn", "model.attn_logit_softcap=30"])
+    if jax.default_backend() != "gpu":
+        tokens, segments, positions = _batch(2, 8)
+        with pytest.raises(ConfigError, match="needs an NVIDIA GPU"):
+            T.forward(T.init_params(CFG, jax.random.key(0)), tokens, segments, positions,
+                      replace(CFG, attention="cudnn", attn_logit_softcap=0.0))
+    assert T.resolve_attention("auto") == ("pallas" if jax.default_backend() == "gpu" else "xla")
+
+
+@pytest.mark.slow  # two tiny trainings, one with interpret-mode kernels on 8 fake devices (~40 s)
+def test_keel_train_with_pallas_gives_the_xla_losses(tiny_args, tmp_path):
+    """The real entry point on packed documents (the data pipeline's segment ids), local and global layers."""
+    losses = {}
+    for impl in ("xla", "pallas"):
+        run_dir = tmp_path / impl
+        args = [*tiny_args, f"run_dir={run_dir}", f"model.attention={impl}", "model.sliding_window=8",
+                "model.global_every=2", "train.steps=4", "train.eval_every=4", "checkpoint.every=4"]
+        assert cli.main(["train", "--no-progress", *args]) == 0
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[impl] = [x["loss"] for x in lines if "loss" in x]
+    assert len(losses["xla"]) == 4
+    np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-4)
