@@ -106,6 +106,21 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": cmd_train, 
 COMMANDS |= {"generate": cmd_generate, "eval": cmd_eval}
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from keel.interop import commands
+
+    return commands.run_export(args)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from keel.interop import commands
+
+    return commands.run_import(args)
+
+
+COMMANDS |= {"export": cmd_export, "import": cmd_import}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keel", description="LLM pretraining in JAX, engineered for goodput.")
     parser.add_argument("--debug", action="store_true",
@@ -140,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     from keel.evaluate import commands as evaluate_commands
 
     evaluate_commands.add_parsers(sub)
+    from keel.interop import commands as interop_commands
+
+    interop_commands.add_parsers(sub)
     return parser
 
 
@@ -148,7 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     too, with its full traceback written to `run_dir/logs/` (or a temporary folder) — or raised as it is with
     `--debug` / KEEL_DEBUG=1."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides (key=value) may come after options too: `keel import HF --run-dir R train.steps=10`
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # the command's own arguments, as given (the supervisor passes them on to its child)
     args.argv = argv[argv.index(args.command) + 1:]
     debug = args.debug or os.environ.get("KEEL_DEBUG", "") not in ("", "0")

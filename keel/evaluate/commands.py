@@ -17,7 +17,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        description="Continue prompts with the latest (or --step) checkpoint of a run: one jitted "
                                    "prefill, then one jitted decode step per token over a preallocated KV cache. "
                                    "Prints each continuation, then prefill and decode tokens/s.")
-    g.add_argument("run_dir", help="a keel run directory")
+    g.add_argument("run_dir", help="a keel run directory, or a Hugging Face Gemma-3 model directory")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts", metavar="FILE", help="a file of prompts, one per line")
@@ -35,7 +35,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        description="Token-weighted loss, perplexity and bits per byte (tokenizer-independent) of "
                                    "a run's checkpoint, per source and overall. Default: the run's own sources' "
                                    "held-out splits.")
-    e.add_argument("run_dir", help="a keel run directory")
+    e.add_argument("run_dir", help="a keel run directory, or a Hugging Face Gemma-3 model directory (with --text "
+                                   "or --store)")
     what = e.add_mutually_exclusive_group()
     what.add_argument("--store", nargs="+", metavar="S", help="token stores (built with the run's tokenizer)")
     what.add_argument("--text", nargs="+", metavar="FILES", help="text files or globs; each argument is a source, "
@@ -79,7 +80,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if len(outputs) > 1:
             print(f"--- {i}")
         print(text)
-    print(f"\n(step {run.step}; prefill {result.prefill_tokens_per_s:,.0f} tokens/s, decode "
+    print(f"\n({run.label}; prefill {result.prefill_tokens_per_s:,.0f} tokens/s, decode "
           f"{result.decode_tokens_per_s:,.0f} tokens/s, compile {result.compile_s:.1f}s)")
     return 0
 
@@ -109,6 +110,9 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.store:
             stores = [(Path(s).name or s, TokenStore(s)) for s in args.store]
         else:
+            if run.step < 0:
+                raise ConfigError(f"{run.run_dir} is a Hugging Face checkpoint, with no data of its own: "
+                                  f"give --text FILES or --store S")
             from keel.data.prepare import open_sources
 
             stores = [(s.name, s.store) for s in open_sources(cfg, run.run_dir, log=lambda line: None)]
@@ -136,5 +140,5 @@ def run_eval(args: argparse.Namespace) -> int:
     for name, s in [*scores.items(), ("overall", overall)]:
         ppl = f"{s.perplexity:9.3f}" if math.isfinite(s.perplexity) else f"{'-':>9}"
         print(f"{name:<{width}}  {s.tokens:>10,}  {s.bytes:>11,}  {s.loss:7.4f}  {ppl}  {s.bits_per_byte:9.4f}")
-    print(f"(step {run.step}; loss in nats per token; overall is token-weighted)")
+    print(f"({run.label}; loss in nats per token; overall is token-weighted)")
     return 0

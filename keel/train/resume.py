@@ -32,11 +32,22 @@ def check_run_dir(cfg: Config, run_dir: Path, allow_config_change: bool) -> None
     saved_path = run_dir / "config.yaml"
     if saved_path.exists():
         diffs = resume_differences(load_saved_config(saved_path), cfg)
+        if imported_untrained(run_dir):  # only the imported model and its tokenizer are fixed yet
+            diffs = [d for d in diffs if d.startswith(IMPORT_FIXED)]
         if diffs and not allow_config_change:
             raise ConfigError(f"{run_dir} holds a run with a different configuration; resuming would change it:\n  "
                               + "\n  ".join(diffs) + RETRY)
     if jax.process_index() == 0:
         atomic_write(saved_path, dump_yaml(cfg))
+
+
+IMPORT_FIXED = ("model.", "data.tokenizer:")
+
+
+def imported_untrained(run_dir: Path) -> bool:
+    """A run directory `keel import` made whose only checkpoint is still the imported step 0."""
+    steps = [p.name for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()]
+    return (run_dir / "imported.json").exists() and set(steps) <= {"0"}
 
 
 def checkpoint_meta(cfg_fingerprint: str, data_fingerprint: str, data_description: dict, plan: StepPlan) -> dict:
@@ -82,7 +93,8 @@ def restore_or_init(run: Run, ckpt: Checkpointer, meta: dict[str, Any], plan: St
             return run.init()
     for note in restored.notes:
         log(note)
-    diffs = data_differences(restored.meta, meta, plan, restored.step)
+    # a step-0 checkpoint (`keel import`) has seen no data: any data may start it
+    diffs = data_differences(restored.meta, meta, plan, restored.step) if restored.step > 0 else []
     if diffs:
         message = (f"checkpoint {restored.step} in {ckpt.directory.parent} was trained on other data; resuming "
                    f"would change what the model saw:\n  " + "\n  ".join(diffs))
