@@ -44,12 +44,15 @@ def test_a_uniform_model_scores_ln_v_per_token_and_its_bits_per_byte_by_hand():
 
 @pytest.fixture(scope="module")
 def trained_run(small_corpus, store_cache, tmp_path_factory):
-    """A tiny model trained for 12 steps on the small corpus, shared by the tests below."""
+    """A tiny model trained for 12 steps on the small corpus, shared by the tests below. With AdamW: in 12 steps
+    Muon already makes this width-32 model favour a few tokens ("in") so much that a sample at temperature 0.7
+    repeats one 4 times, which the loop test below is not about (the criterion is for a trained model: the
+    default run, benchmarks/default_sample.py)."""
     from tests.conftest import TINY
 
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     args = [*TINY, f"data.corpus={small_corpus}", f"data.cache_dir={store_cache}", f"run_dir={run_dir}",
-            "train.steps=12", "train.eval_every=12", "checkpoint.every=12", "train.log_every=6"]
+            "train.steps=12", "train.eval_every=12", "checkpoint.every=12", "train.log_every=6", "optim.name=adamw"]
     assert cli.main(["train", "--no-progress", *args]) == 0
     return run_dir
 

@@ -28,7 +28,8 @@ from keel.plan.step import bandwidth_gbps, candidate_meshes, parse_batch, plan
 # A model whose memory and FLOPs are its layers' (as a large model's are): 4 layers, grouped-query attention,
 # distinct widths (D 128, q 64, kv 32, F 384), 96 tokens per device on an 8-way batch split.
 SMALL = ["model.vocab_size=256", "model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
-         "model.head_dim=16", "model.mlp_dim=384", "data.seq_len=48", "train.batch_size=16"]
+         "model.head_dim=16", "model.mlp_dim=384", "data.seq_len=48", "train.batch_size=16",
+         "optim.name=adamw"]  # XLA's cost_analysis counts Muon's loops once: the Muon cases say so themselves
 MEMORY_TOL, FLOPS_TOL, MATMUL_TOL, COLLECTIVE_TOL, COLLECTIVE_SHARE = 0.15, 0.06, 0.01, 0.10, 0.05
 
 
@@ -88,6 +89,20 @@ def test_planner_agrees_with_the_compiled_step_with_muon():
     assert c.collectives["all-to-all over batch"][1] > 0
 
 
+@pytest.mark.slow
+def test_planner_reads_muon_on_a_3d_mesh():
+    """Muon on 2x2x2, where devices hold different numbers of matrices: the compiled step's loop runs the most
+    loaded device's count (a static trip count; a dynamic one made the HLO reader fail). Memory and matmul FLOPs
+    agree; the collective bytes of Muon with a replica axis are not modelled to the 10 % of the other cases yet
+    (measured: total -11 %, all-gather over batch -26 %, all-to-all +14 %)."""
+    c = compared((2, 2, 2), "full", "model.n_layers=8", "optim.name=muon")
+    assert abs(c.error(c.memory)) <= MEMORY_TOL, c.table()
+    assert abs(c.error(c.matmul_flops)) <= MATMUL_TOL, c.table()
+    assert c.collectives["all-to-all over batch"][1] > 0, c.table()
+    total = (sum(p for p, _ in c.collectives.values()), sum(x for _, x in c.collectives.values()))
+    assert abs(c.error(total)) <= 0.15, c.table()
+
+
 # ---------------------------------------------------------------------------------------------- the equations
 
 
@@ -112,9 +127,13 @@ def test_remat_adds_the_recomputed_forward():
 def test_memory_estimate_parts_for_rnj1_on_256_devices():
     cfg = load_config("rnj1-8b", ["model.remat=full"])
     n_params = transformer.count_params(cfg.model)
+    m = cfg.model
+    matrices = m.n_layers * (m.d_model * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim
+                             + m.n_heads * m.head_dim * m.d_model + 3 * m.d_model * m.mlp_dim)
     est = per_device_bytes(cfg, {"fsdp": 256})
     assert est.parameters == pytest.approx(4 * n_params / 256, rel=1e-3)  # float32 parameters, all sharded
-    assert est.optimizer == pytest.approx(2 * est.parameters, rel=1e-3)  # AdamW: two moments
+    # Muon: one momentum for the layers' matrices; AdamW's two moments for the embedding and the norms
+    assert est.optimizer == pytest.approx(4 * (matrices + 2 * (n_params - matrices)) / 256, rel=1e-3)
     assert est.gradients == est.parameters
     layout = Layout.of(cfg, (1, 256, 1))
     assert layout.rows == 2 and layout.tokens == 2 * 8192

@@ -169,8 +169,9 @@ def test_dry_run_counts_rnj1_through_the_console_entry_point():
     # tied embedding + final norm; per layer 4 norms of D, q/k norms of Dh, q and o, k and v, GeGLU's three
     n = V * D + D + L * (4 * D + 2 * Dh + 2 * D * H * Dh + 2 * D * K * Dh + 3 * D * F)
     assert f"parameters:        {n:,} " in out.stdout
-    # AdamW in float32: params, mu and nu (plus a few scalar counters)
-    assert f"train state:       {3 * 4 * n / 2**30:.2f} GiB" in out.stdout
+    # float32: params; Muon's momentum for the layers' matrices; AdamW's mu and nu for the embedding and norms
+    matrices = L * (2 * D * H * Dh + 2 * D * K * Dh + 3 * D * F)
+    assert f"train state:       {4 * (n + matrices + 2 * (n - matrices)) / 2**30:.2f} GiB" in out.stdout
 
 
 def test_config_error_exits_before_any_work(tmp_path, capsys):

@@ -332,17 +332,22 @@ def _linear_index(axes: tuple[str, ...]) -> jax.Array | int:
 
 def _orthogonalise_slots(g: Group, mats: jax.Array, position: jax.Array | int,
                          ns: Callable[[jax.Array], jax.Array]) -> jax.Array:
-    """Newton–Schulz on this device's filled slots only (they come first; empty slots stay zero): a loop
-    whose trip count is the device's own count, so padding costs no FLOPs."""
+    """Newton–Schulz on this device's filled slots only (they come first; empty slots stay zero): a loop over
+    the most loaded device's count, in which a device skips (`lax.cond`) the slots it does not fill, so padding
+    costs no FLOPs. The trip count is static, so XLA and `keel plan --check` know it (a loop bound read from the
+    device's own count would be dynamic)."""
     counts = g.counts
     if counts.min() == counts.max():
         return ns(mats)
     n = jnp.asarray(counts, jnp.int32)[position]
 
     def one(j: jax.Array, out: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_update_index_in_dim(out, ns(jax.lax.dynamic_slice_in_dim(mats, j, 1)), j, 0)
+        def fill(out: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_update_index_in_dim(out, ns(jax.lax.dynamic_slice_in_dim(mats, j, 1)), j, 0)
 
-    return jax.lax.fori_loop(0, n, one, jnp.zeros_like(mats))
+        return jax.lax.cond(j < n, fill, lambda out: out, out)
+
+    return jax.lax.fori_loop(0, int(counts.max()), one, jnp.zeros_like(mats))
 
 
 def _run_bundle(groups: Sequence[Group], blocks: Sequence[list[jax.Array]],
