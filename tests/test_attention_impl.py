@@ -27,8 +27,9 @@ def _batch(B: int = 8, L: int = 32):
     return tokens, segments, jnp.broadcast_to(jnp.arange(L), (B, L))
 
 
-@pytest.mark.parametrize("mesh", [MeshConfig(), MeshConfig(data=2, fsdp=2, tensor=2),
-                                  MeshConfig(data=2, fsdp=1, tensor=4), MeshConfig(data=1, fsdp=8, tensor=1)],
+@pytest.mark.parametrize("mesh", [pytest.param(MeshConfig(), marks=pytest.mark.slow),
+                                  MeshConfig(data=2, fsdp=2, tensor=2), MeshConfig(data=2, fsdp=1, tensor=4),
+                                  pytest.param(MeshConfig(data=1, fsdp=8, tensor=1), marks=pytest.mark.slow)],
                          ids=["data8", "2x2x2", "tensor4-kv2", "fsdp8"])
 def test_pallas_in_the_model_equals_xla_on_every_mesh(mesh):
     """Forward and parameter gradients. tensor=4 with 2 KV heads: the KV heads cannot split four ways, so the

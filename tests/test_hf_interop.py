@@ -283,6 +283,7 @@ def test_import_refuses_pickles_a_used_run_dir_and_model_overrides(tmp_path, cap
 # ---------------------------------------------------------------------------------- using what came in
 
 
+@pytest.mark.slow  # two tiny trainings from an imported checkpoint (~12 s)
 def test_an_imported_run_trains_from_the_imported_weights(small_corpus, store_cache, tmp_path, capsys):
     run = tmp_path / "run"
     train_args = [a for a in TINY if not a.startswith("model.")] + [

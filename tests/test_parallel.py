@@ -41,7 +41,7 @@ def one_device(data_args, tmp_path_factory):
                         devices=jax.devices()[:1]))
 
 
-@pytest.mark.parametrize("preset", ["dp", "fsdp", "fsdp_tp"])
+@pytest.mark.parametrize("preset", [pytest.param("dp", marks=pytest.mark.slow), "fsdp", "fsdp_tp"])  # tiny runs are dp
 def test_mesh_presets_match_one_device(preset, one_device, data_args, tmp_path):
     run_dir = _run(data_args, tmp_path / preset, ["tiny", preset])
     np.testing.assert_allclose(_losses(run_dir), one_device, rtol=2e-5)

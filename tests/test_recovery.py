@@ -123,6 +123,7 @@ def test_skip_update_leaves_the_spiking_step_without_an_update(tiny_args, monkey
     assert [r["step"] for r in rows if r.get("update_skipped")] == [7]
 
 
+@pytest.mark.slow  # three tiny runs (~12 s); tests/test_chaos.py rewinds too
 def test_rewind_skips_the_spike_and_equals_a_run_that_skipped_it(tiny_args, tmp_path, monkeypatch):
     """Under rewind, a spike at step 9 sets aside the checkpoint holding it, records the decision, restores
     step 8 and goes on without step 9's batch: bitwise the run that was told to skip step 9."""

@@ -183,7 +183,7 @@ def test_config_error_exits_before_any_work(tmp_path, capsys):
 @pytest.mark.parametrize("mesh, replicated", [
     (["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4"],
      ["params/layers/wk dim 2 (kv_heads=2) is not divisible by tensor=4"]),
-    (["mesh.data=1", "mesh.fsdp=-1"], []),
+    pytest.param(["mesh.data=1", "mesh.fsdp=-1"], [], marks=pytest.mark.slow),  # tests/test_parallel.py's fsdp
 ])
 def test_other_meshes_train_and_say_what_they_replicate(tiny_args, mesh, replicated, capsys):
     assert _train(tiny_args, *mesh, "train.steps=2", "optim.warmup_steps=1", "train.eval_every=2") == 0
