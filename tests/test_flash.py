@@ -260,7 +260,7 @@ def test_model_trains_with_the_kernel_to_the_reference_losses():
 def test_kernels_lower_to_triton_for_gpu(case: tuple):
     """Without a GPU: the forward and both backward kernels go through Pallas' Triton lowering rules for CUDA
     (scalar window load, lax.cond block skip, transposed dots), one Triton call each. Compiling the Triton IR
-    to PTX and running it still needs the GPU (benchmarks/flash_gpu.py)."""
+    to PTX and running it still needs the GPU (benchmarks/attention.py)."""
     B, L, H, K, D, dtype, softcap, causal, window_right, segments = case
     q = jax.ShapeDtypeStruct((B, L, H, D), jnp.dtype(dtype))
     kv = jax.ShapeDtypeStruct((B, L, K, D), jnp.dtype(dtype))

@@ -11,11 +11,11 @@
    TFLOP/s counts the matmul FLOPs of the visible (query, key) pairs only (4 D per pair forward, 2.5x that
    backward), so every implementation is credited with the same useful work, and skipping work pays.
 
-Writes $OUT/flash_gpu.json (everything) and $OUT/flash_gpu.md (the tables), and prints the tables last.
+Writes $OUT/attention.json (everything) and $OUT/attention.md (the tables), and prints the tables last.
 A global time budget (--budget-s) skips the remaining timing rows rather than overrun a lease.
 
-    PYTHONPATH=. python3 benchmarks/flash_gpu.py --quick        # on the GPU machine, < 5 min
-    PYTHONPATH=. python3 benchmarks/flash_gpu.py --cpu-smoke    # here: tiny shapes, interpret mode, flow only
+    PYTHONPATH=. python3 benchmarks/attention.py --quick        # on the GPU machine, < 5 min
+    PYTHONPATH=. python3 benchmarks/attention.py --cpu-smoke    # here: tiny shapes, interpret mode, flow only
 """
 
 from __future__ import annotations
@@ -378,7 +378,7 @@ def main() -> None:
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--tune", action="store_true", help="pick keel's block sizes first (on by --quick)")
     ap.add_argument("--tune-seq", type=int, default=8192)
-    ap.add_argument("--out", default=os.environ.get("OUT", "flash_gpu_out"))
+    ap.add_argument("--out", default=os.environ.get("OUT", "attention_out"))
     args = ap.parse_args()
     if args.quick:
         args.reps, args.tune = 3, True
@@ -395,17 +395,17 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     correct = [] if args.skip_correctness else check_correctness(args, interpret)
-    (out / "flash_gpu.json").write_text(json.dumps({"meta": meta, "correctness": correct}, indent=1))
+    (out / "attention.json").write_text(json.dumps({"meta": meta, "correctness": correct}, indent=1))
     tuning = tune_blocks(args, interpret) if args.tune else []
     timing = run_timing(args, interpret)
-    (out / "flash_gpu.json").write_text(json.dumps({"meta": meta, "correctness": correct, "tuning": tuning,
+    (out / "attention.json").write_text(json.dumps({"meta": meta, "correctness": correct, "tuning": tuning,
                                                     "timing": timing, "blocks": {
                                                         "fwd": [args.block_q, args.block_k, args.num_warps],
                                                         "bwd": [args.bwd_block_q, args.bwd_block_k]}}, indent=1))
     text = tables(correct, timing, meta) + (
         f"\n\nkeel blocks: forward {args.block_q} x {args.block_k}, {args.num_warps} warps; backward "
         f"{args.bwd_block_q} x {args.bwd_block_k}" + (f" (tuned at L = {args.tune_seq})" if args.tune else ""))
-    (out / "flash_gpu.md").write_text(text + "\n")
+    (out / "attention.md").write_text(text + "\n")
     print(text)
     if not all(r["ok"] for r in correct):
         sys.exit(1)
