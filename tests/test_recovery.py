@@ -38,10 +38,15 @@ def _events(run):
     return read_events(run / "events" / "host0000.jsonl")
 
 
-def _cli(args, *extra, env=None, timeout=240):
-    """The real console entry point in a fresh process (no test session state: its own compilation cache)."""
+def _cli(args, *extra, env=None, timeout=240, own_cache=False):
+    """The real console entry point in a fresh process. It shares the session's XLA compilation cache (set in
+    the environment by tests/conftest.py) unless `own_cache`: then the run keeps its own, as a user's run does."""
+    env = {**os.environ, **(env or {})}
+    if own_cache:
+        for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+            env.pop(k, None)
     return subprocess.run([sys.executable, "-m", "keel", "train", "--no-progress", *args, *extra],
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 # ------------------------------------------------------------------------------------------- spike detector
@@ -171,7 +176,7 @@ def test_a_hang_dumps_stacks_and_the_supervisor_restarts_to_the_same_result(tiny
     args = [*tiny_args, "train.steps=10", "train.eval_every=10", "checkpoint.every=4", "train.hang_floor_s=8",
             "train.max_restarts=2", "train.restart_backoff_s=0.1"]
     run = _run_dir(tiny_args)
-    done = _cli(args, env={"KEEL_INJECT": "hang@5"})
+    done = _cli(args, env={"KEEL_INJECT": "hang@5"}, own_cache=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ended with exit 6 (a hang); restart 1 of 2" in done.stderr
     stacks = (run / "hang-host0000-attempt1.txt").read_text()
