@@ -92,15 +92,25 @@ def test_planner_agrees_with_the_compiled_step_with_muon():
 @pytest.mark.slow
 def test_planner_reads_muon_on_a_3d_mesh():
     """Muon on 2x2x2, where devices hold different numbers of matrices: the compiled step's loop runs the most
-    loaded device's count (a static trip count; a dynamic one made the HLO reader fail). Memory and matmul FLOPs
-    agree; the collective bytes of Muon with a replica axis are not modelled to the 10 % of the other cases yet
-    (measured: total -11 %, all-gather over batch -26 %, all-to-all +14 %)."""
-    c = compared((2, 2, 2), "full", "model.n_layers=8", "optim.name=muon")
+    loaded device's count (a static trip count; a dynamic one made the HLO reader fail). Muon's own traffic is
+    predicted byte for byte: the compiled all-to-alls are exactly its slots there and back. What is not: the
+    embedding's re-layout, which the planner prices as an all-to-all over fsdp (196,608 B here) and XLA does as an
+    all-gather over tensor and a collective-permute (163,840 B); and with remat=full on a data x fsdp mesh, XLA
+    gathers each layer's parameters a third time in the backward (the planner counts two), which is why this case
+    uses remat=dots."""
+    from keel.plan.layout import Layout
+    from keel.plan.muon import muon_traffic
+
+    c = compared((2, 2, 2), "dots", "model.n_layers=8", "optim.name=muon")
     assert abs(c.error(c.memory)) <= MEMORY_TOL, c.table()
     assert abs(c.error(c.matmul_flops)) <= MATMUL_TOL, c.table()
-    assert c.collectives["all-to-all over batch"][1] > 0, c.table()
     total = (sum(p for p, _ in c.collectives.values()), sum(x for _, x in c.collectives.values()))
-    assert abs(c.error(total)) <= 0.15, c.table()
+    assert abs(c.error(total)) <= COLLECTIVE_TOL, c.table()
+    assert abs(c.error(c.collectives["all-gather over batch"])) <= COLLECTIVE_TOL, c.table()
+    muon = muon_traffic(Layout(small((2, 2, 2), "dots", "model.n_layers=8", "optim.name=muon"),
+                               {"data": 2, "fsdp": 2, "tensor": 2}))
+    assert c.collectives["all-to-all over batch"][1] == sum(t.buffer_bytes * t.count for t in muon
+                                                             if t.kind == "all-to-all"), c.table()
 
 
 # ---------------------------------------------------------------------------------------------- the equations
