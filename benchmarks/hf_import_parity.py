@@ -38,7 +38,7 @@ def write_random_270m(out: Path) -> None:
     torch.manual_seed(0)
     model = Gemma3ForCausalLM(Gemma3TextConfig(**GEMMA3_270M)).eval()
     with torch.no_grad():  # norm scales off zero, so that keel's `1 + w` is exercised
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.copy_(0.3 * torch.randn(p.shape))
     model.save_pretrained(out, safe_serialization=True)
