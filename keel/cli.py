@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -64,61 +65,25 @@ def dry_run(cfg) -> int:
     return 0
 
 
-def cmd_data(args: argparse.Namespace) -> int:
-    from keel.data import commands
-
-    return commands.run(args)
-
-
-def cmd_burnin(args: argparse.Namespace) -> int:
-    from keel.diag import commands
-
-    return commands.run(args)
+# The other commands live in their packages, imported only when run (so `keel train` does not load them):
+# command -> (module, function).
+LAZY_COMMANDS = {
+    "data": ("keel.data.commands", "run"), "burnin": ("keel.diag.commands", "run"),
+    "goodput": ("keel.goodput.commands", "run"), "plan": ("keel.plan.commands", "run"),
+    "generate": ("keel.evaluate.commands", "run_generate"), "eval": ("keel.evaluate.commands", "run_eval"),
+    "export": ("keel.interop.commands", "run_export"), "import": ("keel.interop.commands", "run_import"),
+}
 
 
-def cmd_goodput(args: argparse.Namespace) -> int:
-    from keel.goodput import commands
+def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
 
-    return commands.run(args)
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    from keel.plan import commands
-
-    return commands.run(args)
+    return run
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from keel.evaluate import commands
-
-    return commands.run_generate(args)
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from keel.evaluate import commands
-
-    return commands.run_eval(args)
-
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": cmd_train, "data": cmd_data,
-                                                          "burnin": cmd_burnin, "goodput": cmd_goodput,
-                                                          "plan": cmd_plan}
-COMMANDS |= {"generate": cmd_generate, "eval": cmd_eval}
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from keel.interop import commands
-
-    return commands.run_export(args)
-
-
-def cmd_import(args: argparse.Namespace) -> int:
-    from keel.interop import commands
-
-    return commands.run_import(args)
-
-
-COMMANDS |= {"export": cmd_export, "import": cmd_import}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": cmd_train, **{name: _lazy(*where) for name, where in LAZY_COMMANDS.items()}}
 
 
 def build_parser() -> argparse.ArgumentParser:
