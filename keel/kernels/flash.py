@@ -160,21 +160,29 @@ def _segment_overlap(a_seg: jax.Array | None, b_min: jax.Array | None, b_max: ja
 # ---------------------------------------------------------------------------------------------------- forward
 
 
+def _split_refs(refs: tuple, cfg: FlashConfig) -> tuple:
+    """(query segment ids, key segment ids, the output refs) of a kernel's trailing refs: the segment-id refs
+    come first when the call has them, else None."""
+    return (refs[0], refs[1], refs[2:]) if cfg.has_segments else (None, None, refs)
+
+
+def _block_segments(seg_ref) -> tuple:  # noqa: ANN001
+    """A block's segment ids and their min and max (for the block-skip test), or Nones without segments."""
+    if seg_ref is None:
+        return None, None, None
+    seg = seg_ref[...]
+    return seg, jnp.min(seg), jnp.max(seg)
+
+
 def _forward_kernel(window_ref, q_ref, k_ref, v_ref, *refs, cfg: FlashConfig) -> None:  # noqa: ANN001
     """One query block: q_ref (block_q, D), k_ref/v_ref (L, D) of its KV head; writes o (block_q, D), lse."""
-    if cfg.has_segments:
-        q_seg_ref, k_seg_ref, o_ref, lse_ref = refs
-    else:
-        q_seg_ref = k_seg_ref = None
-        o_ref, lse_ref = refs
+    q_seg_ref, k_seg_ref, (o_ref, lse_ref) = _split_refs(refs, cfg)
     bq, bk = cfg.block_q, cfg.block_k
     i = pl.program_id(2)
     window = window_ref[0]
     q_QD = q_ref[...]
     q_pos_Q = i * bq + jnp.arange(bq, dtype=jnp.int32)
-    q_seg_Q = None if q_seg_ref is None else q_seg_ref[...]
-    q_seg_min = None if q_seg_Q is None else jnp.min(q_seg_Q)
-    q_seg_max = None if q_seg_Q is None else jnp.max(q_seg_Q)
+    q_seg_Q, q_seg_min, q_seg_max = _block_segments(q_seg_ref)
 
     def body(j: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
         keys = pl.ds(j * bk, bk)
@@ -260,19 +268,13 @@ def _probs_and_dscores(q_QD: jax.Array, k_KD: jax.Array, v_KD: jax.Array, do_QD:
 
 def _dq_kernel(window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: FlashConfig) -> None:  # noqa: ANN001
     """One query block: loops over the key blocks it sees, accumulating dq (block_q, D) in float32."""
-    if cfg.has_segments:
-        q_seg_ref, k_seg_ref, dq_ref = refs
-    else:
-        q_seg_ref = k_seg_ref = None
-        (dq_ref,) = refs
+    q_seg_ref, k_seg_ref, (dq_ref,) = _split_refs(refs, cfg)
     bq, bk = cfg.block_q, cfg.block_k
     i = pl.program_id(2)
     window = window_ref[0]
     q_QD, do_QD, lse_Q, delta_Q = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     q_pos_Q = i * bq + jnp.arange(bq, dtype=jnp.int32)
-    q_seg_Q = None if q_seg_ref is None else q_seg_ref[...]
-    q_seg_min = None if q_seg_Q is None else jnp.min(q_seg_Q)
-    q_seg_max = None if q_seg_Q is None else jnp.max(q_seg_Q)
+    q_seg_Q, q_seg_min, q_seg_max = _block_segments(q_seg_ref)
 
     def body(j: jax.Array, dq_QD: jax.Array) -> jax.Array:
         keys = pl.ds(j * bk, bk)
@@ -294,19 +296,13 @@ def _dq_kernel(window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *ref
 
 def _dkdv_kernel(window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: FlashConfig) -> None:  # noqa: ANN001
     """One key block of one query head: loops over the query blocks that see it, accumulating dk, dv."""
-    if cfg.has_segments:
-        q_seg_ref, k_seg_ref, dk_ref, dv_ref = refs
-    else:
-        q_seg_ref = k_seg_ref = None
-        dk_ref, dv_ref = refs
+    q_seg_ref, k_seg_ref, (dk_ref, dv_ref) = _split_refs(refs, cfg)
     bq, bk = cfg.block_q, cfg.block_k
     j = pl.program_id(2)
     window = window_ref[0]
     k_KD, v_KD = k_ref[...], v_ref[...]
     k_pos_K = j * bk + jnp.arange(bk, dtype=jnp.int32)
-    k_seg_K = None if k_seg_ref is None else k_seg_ref[...]
-    k_seg_min = None if k_seg_K is None else jnp.min(k_seg_K)
-    k_seg_max = None if k_seg_K is None else jnp.max(k_seg_K)
+    k_seg_K, k_seg_min, k_seg_max = _block_segments(k_seg_ref)
 
     def body(i: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         queries = pl.ds(i * bq, bq)
