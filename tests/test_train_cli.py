@@ -127,13 +127,16 @@ def test_skip_list_skips_steps_and_guards_trained_ones(tiny_args, capsys):
     assert [(e["start"], e["stop"]) for e in skips] == [(3, 5)]
 
 
-def test_skipping_the_last_steps_still_ends_the_run(tiny_args):
-    assert _train(tiny_args, "train.steps=4", "data.skip_steps=[2-3]") == 0  # not 143: the run is complete
+def test_skipping_the_last_steps_still_ends_the_run(tiny_args, capsys):
+    # (and train.sample_tokens=0 means no closing sample at all)
+    assert _train(tiny_args, "train.steps=4", "data.skip_steps=[2-3]", "train.sample_tokens=0") == 0  # not 143
     run = _run_dir(tiny_args)
     assert (run / "checkpoints" / "4").exists()
     skips = [e for e in read_events(run / "events" / "host0000.jsonl") if e["kind"] == "data_skip"]
     assert [(e["start"], e["stop"]) for e in skips] == [(2, 4)]
-    assert json.loads((run / "summary.json").read_text())["step"] == 4
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 4 and summary["sample"] is None
+    assert "sample (" not in capsys.readouterr().out
 
 
 def test_corrupt_checkpoint_names_the_path_and_keeps_it(tiny_args, capsys):

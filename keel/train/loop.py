@@ -375,6 +375,7 @@ class Trainer:
         if self.stopper.signal is None:
             heldout, by_source = self.evaluator.at(end, state.params)
             bpb = heldout_bits_per_byte(data, by_source, cfg.train.eval_batches)[0]
+        if self.stopper.signal is None and cfg.train.sample_tokens > 0:
             prompt = [data.bos_id] + data.tokenizer.encode(cfg.train.sample_prompt, add_special_tokens=False).ids
             ids = readable_sample(state.params, prompt, cfg.train.sample_tokens, cfg.model, data.eos_id,
                                   out_sharding=self.run.replicated)
