@@ -655,6 +655,9 @@ def validate(cfg: Config) -> Config:
     if m.yarn.original_max_position_embeddings < 0:
         raise ConfigError(f"model.yarn.original_max_position_embeddings={m.yarn.original_max_position_embeddings} "
                           "must be >= 0")
+    if m.attention == "cudnn" and m.compute_dtype == "float32":
+        raise ConfigError("model.attention=cudnn needs bfloat16 compute (cuDNN's attention takes fp16/bf16): set "
+                          "model.compute_dtype=bfloat16 or auto, or use pallas or xla")
     if m.attention == "cudnn" and m.attn_logit_softcap > 0:
         raise ConfigError(f"model.attention=cudnn cannot apply model.attn_logit_softcap={m.attn_logit_softcap:g} "
                           f"(cuDNN's attention has no softcap): use pallas or xla")

@@ -14,7 +14,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """One persistent XLA compilation cache for the session (in-process only: subprocesses compile their own):
+    """One persistent XLA compilation cache for the session (a worker's, with pytest-xdist; its subprocesses
+    share it through the environment unless a test takes it away):
     the many tiny runs compile the same init, train and eval programs, and a program met again loads in
     milliseconds instead of compiling for seconds. Executables are keyed by their HLO, options and jaxlib, so a
     hit is the very program a compile would give. KEEL_TEST_XLA_CACHE=0 turns it off."""

@@ -42,8 +42,9 @@ def test_pallas_in_the_model_equals_xla_on_every_mesh(mesh):
         return jnp.mean(T.forward(p, tokens, segments, positions, cfg, sharder) ** 2)
 
     want = jax.value_and_grad(loss)(params, CFG, None)
-    got = jax.jit(jax.value_and_grad(functools.partial(loss, cfg=replace(CFG, attention="pallas"),
-                                                       sharder=sharder)))(params)
+    pallas = jax.value_and_grad(functools.partial(loss, cfg=replace(CFG, attention="pallas"), sharder=sharder))
+    assert "pallas_call" in str(jax.make_jaxpr(pallas)(params))  # the kernel really runs, under shard_map
+    got = jax.jit(pallas)(params)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-6)
 
@@ -63,6 +64,8 @@ def test_the_cudnn_path_builds_the_reference_mask():
 def test_cudnn_is_refused_where_it_cannot_run_or_cap():
     with pytest.raises(ConfigError, match="no softcap"):
         load_config("tiny", ["model.attention=cudnn", "model.attn_logit_softcap=30"])
+    with pytest.raises(ConfigError, match="needs bfloat16 compute"):
+        load_config("tiny", ["model.attention=cudnn", "model.compute_dtype=float32"])
     if jax.default_backend() != "gpu":
         tokens, segments, positions = _batch(2, 8)
         with pytest.raises(ConfigError, match="needs an NVIDIA GPU"):

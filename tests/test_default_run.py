@@ -15,10 +15,10 @@ import pytest
 def test_the_default_runs_closing_sample_reads_like_python(tmp_path):
     """The criterion of `SampleQuality.reads_like_python` (no piece of text with a letter repeated more than 3
     times back to back; at least 80 % of the non-empty lines read by Python's `tokenize`), on the sample the run
-    printed and on seven more seeds of the same sampling; greedy decoding of the same model fails it, so the
-    criterion can fail (docs/models.md). `python benchmarks/default_sample.py` shows the texts."""
+    printed and on seven more seeds of the same sampling (docs/models.md). `python benchmarks/default_sample.py`
+    shows the texts, and greedy decoding beside them, which loops."""
     from keel.evaluate.run import open_run
-    from keel.model.sampling import greedy_sample, readable_sample, sample_quality
+    from keel.model.sampling import readable_sample, sample_quality
 
     # as a user runs it: `keel train` in a fresh directory, one CPU device (not the session's 8 fake ones)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -36,5 +36,3 @@ def test_the_default_runs_closing_sample_reads_like_python(tmp_path):
         text = prompt_text + run.tokenizer.decode(readable_sample(run.params, prompt, n, run.cfg.model, run.eos_id,
                                                                   seed=seed))
         assert sample_quality(text).reads_like_python(), (seed, sample_quality(text), text)
-    greedy = prompt_text + run.tokenizer.decode(greedy_sample(run.params, prompt, n, run.cfg.model, run.eos_id))
-    assert not sample_quality(greedy).reads_like_python(), greedy

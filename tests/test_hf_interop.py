@@ -190,6 +190,8 @@ def test_config_round_trip_over_random_models(m):
     if m.sliding_window and m.global_every == 1:  # no local layer: the window and its RoPE base do nothing
         expected = replace(expected, sliding_window=0, global_every=1, rope_local_theta=0.0)
     config = _exported(m)
+    if m.yarn.factor > 1:  # transformers 4.x reads the factor from these two: they must agree with it
+        assert config["max_position_embeddings"] == m.yarn.factor * m.yarn.original_max_position_embeddings
     assert hf.from_hf_config(config) == expected
     # transformers 4.x read the legacy keys: the same model from them alone
     legacy = {k: v for k, v in config.items() if k != "rope_parameters"}
@@ -225,8 +227,37 @@ def test_what_keel_cannot_compute_is_refused_by_name(change, message):
         hf.from_hf_config(config)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"num_hidden_layers": None}, "wrong type"),
+    ({"num_hidden_layers": "many"}, "wrong type"),
+    ({"layer_types": None, "sliding_window_pattern": 0}, "wrong type"),
+    ({"num_attention_heads": 3}, "n_kv_heads"),
+    ({"head_dim": 7}, "head_dim"),
+    ({"rope_scaling": "yarn"}, "rope_scaling must be an object"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}, "per-layer-type"),
+])
+def test_a_malformed_config_is_a_config_error_naming_the_file(change, message):
+    config = {**_exported(ModelConfig(sliding_window=8, global_every=2)), **change}
+    with pytest.raises(ConfigError, match=message) as e:
+        hf.from_hf_config(config, "some/config.json")
+    assert str(e.value).startswith("some/config.json: ")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        hf.from_hf_config([config], "some/config.json")
+
+
+def test_yarn_fields_left_out_default_as_in_transformers_5():
+    config = _exported(ModelConfig())
+    config["rope_parameters"]["full_attention"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+    config["max_position_embeddings"] = 8192
+    assert hf.from_hf_config(config).yarn.original_max_position_embeddings == 8192  # max_position_embeddings
+    legacy = {k: v for k, v in _exported(ModelConfig()).items() if k != "rope_parameters"}
+    legacy["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
+    assert hf.from_hf_config(legacy).yarn.factor == 4.0
+
+
 @pytest.mark.parametrize("model, message", [
     (ModelConfig(attn_logit_softcap=50.0), "does not apply attn_logit_softcapping"),
+    (ModelConfig(yarn=YarnConfig(factor=1.5, original_max_position_embeddings=1001)), "whole number"),
     (ModelConfig(qk_norm=False), "qk_norm"),
     (ModelConfig(d_model=100, n_heads=8), "multiple"),
     (ModelConfig(query_pre_attn_scalar=24.5), "whole number"),
@@ -265,6 +296,20 @@ def test_import_refuses_a_checkpoint_that_does_not_match_its_config(tmp_path, ca
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+def test_a_failed_import_leaves_no_run_directory(tmp_path, monkeypatch, capsys):
+    from keel.train import checkpoint
+
+    def broken(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", broken)
+    with pytest.raises(OSError):
+        cli.main(["--debug", "import", str(GOLDEN / "sliding"), "--run-dir", str(tmp_path / "run")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the run nor its .partial
+    monkeypatch.undo()
+    assert _import(GOLDEN / "sliding", tmp_path / "run") == 0  # and the same command works afterwards
+
+
 def test_import_refuses_pickles_a_used_run_dir_and_model_overrides(tmp_path, capsys):
     hf_dir = _copy_case(tmp_path)
     (hf_dir / "model.safetensors").rename(hf_dir / "pytorch_model.bin")
@@ -276,6 +321,8 @@ def test_import_refuses_pickles_a_used_run_dir_and_model_overrides(tmp_path, cap
     assert "not empty" in capsys.readouterr().err
     assert _import(GOLDEN / "sliding", tmp_path / "c", "model.d_model=64") == 2
     assert "model.d_model=64" in capsys.readouterr().err
+    assert _import(GOLDEN / "sliding", tmp_path / "c", "data.tokenizer=/x/tokenizer.json") == 2
+    assert "keel import sets data.tokenizer" in capsys.readouterr().err
     assert cli.main(["export", str(GOLDEN), "--hf", str(tmp_path / "d")]) == 2  # not a run
     assert "neither a keel run directory" in capsys.readouterr().err
 
@@ -295,6 +342,9 @@ def test_an_imported_run_trains_from_the_imported_weights(small_corpus, store_ca
     assert cli.main(["train", "--no-progress", "--config", str(run / "config.yaml"), "train.steps=6",
                      "model.rope_theta=5"]) == 2
     assert "model.rope_theta" in capsys.readouterr().err
+    assert cli.main(["train", "--no-progress", "--config", str(run / "config.yaml"), "train.steps=6",
+                     "optim.name=adamw"]) == 2  # the step-0 checkpoint holds the imported optimizer's state
+    assert "optim.name" in capsys.readouterr().err
     assert cli.main(["train", "--no-progress", "--config", str(run / "config.yaml"), "train.steps=6"]) == 0
     assert "resumed from checkpoint at step 0" in capsys.readouterr().out
     cfg = load_saved_config(run / "config.yaml")
@@ -302,6 +352,11 @@ def test_an_imported_run_trains_from_the_imported_weights(small_corpus, store_ca
     assert step == 6 and cfg.train.steps == 6
     moved = np.abs(trained["layers"]["wq"] - imported["layers"]["wq"]).max()
     assert 0 < moved < 0.1  # six small steps from the imported weights, not from a fresh init
+    # trained now: its checkpoints deleted by hand, it does not quietly start over from the imported step 0
+    for step in ("2", "4", "6"):
+        shutil.rmtree(run / "checkpoints" / step)
+    assert cli.main(["train", "--no-progress", "--config", str(run / "config.yaml")]) == 3
+    assert "committed checkpoints" in capsys.readouterr().err
 
 
 def test_generate_and_eval_read_a_hugging_face_directory(tmp_path, capsys):

@@ -6,6 +6,8 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,6 +48,23 @@ def _fresh_directory(path: Path, what: str) -> None:
         raise ConfigError(f"{what} {path} already exists and is not empty; keel writes only into a new directory")
 
 
+@contextmanager
+def _built_beside(out: Path) -> Iterator[Path]:
+    """A fresh `.OUT.partial` folder beside OUT to build in, renamed to OUT (new, or empty) when the block ends
+    without an error, removed when it raises: OUT is complete or absent."""
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()  # empty: `_fresh_directory` checked
+    tmp.rename(out)
+
+
 def run_export(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -60,27 +79,21 @@ def run_export(args: argparse.Namespace) -> int:
     cfg = run.cfg
     hf.check_exportable(cfg.model)
     dtype = args.dtype or cfg.model.param_dtype
-    np_dtype = np.dtype(dtype) if dtype != "bfloat16" else np.dtype("bfloat16")
-    tensors = {k: v.astype(np_dtype) for k, v in hf.to_hf_tensors(run.params, cfg.model).items()}
+    tensors = {k: v.astype(np.dtype(dtype)) for k, v in hf.to_hf_tensors(run.params, cfg.model).items()}
     tok = run.tokenizer
     names = {i: tok.id_to_token(i) for i in (run.pad_id, run.bos_id, run.eos_id)}
     config = hf.to_hf_config(cfg.model, max_position_embeddings=cfg.data.seq_len, pad_id=run.pad_id,
                              bos_id=run.bos_id, eos_id=run.eos_id, dtype=dtype)
     # written beside OUT, then renamed: an interrupted export leaves no half-written model directory behind
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    written = files.write_safetensors(tmp, tensors, max_bytes)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = files.generation_config(bos_id=run.bos_id, pad_id=run.pad_id, eos_id=run.eos_id,
                                          temperature=READABLE.temperature, top_p=READABLE.top_p,
                                          max_length=cfg.data.seq_len)
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    files.write_tokenizer(tmp, tok, pad=names[run.pad_id], bos=names[run.bos_id], eos=names[run.eos_id],
-                          max_length=cfg.data.seq_len)
-    if out.exists():
-        out.rmdir()  # empty (checked above)
-    tmp.rename(out)
+    with _built_beside(out) as tmp:
+        written = files.write_safetensors(tmp, tensors, max_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        files.write_tokenizer(tmp, tok, pad=names[run.pad_id], bos=names[run.bos_id], eos=names[run.eos_id],
+                              max_length=cfg.data.seq_len)
     total = sum(t.nbytes for t in tensors.values())
     print(f"exported step {run.step} of {run.run_dir} to {out}: {len(tensors)} tensors, {total / 2**20:,.1f} MiB "
           f"{dtype} in {', '.join(written)}; config.json (gemma3_text), generation_config.json, "
@@ -107,10 +120,13 @@ def run_import(args: argparse.Namespace) -> int:
         raise ConfigError(f"{hf_dir}: not a directory")
     _fresh_directory(run_dir, "--run-dir")
     for o in args.overrides:
-        key = next(iter(flatten(parse_override(o))))
-        if key.startswith("model.") and key not in RUN_CHOICES:
-            raise ConfigError(f"{o}: the model's shape comes from {hf_dir / 'config.json'}; of model.* only "
-                              f"{', '.join(RUN_CHOICES)} can be set")
+        for key in flatten(parse_override(o)):
+            if key.startswith("model.") and key not in RUN_CHOICES:
+                raise ConfigError(f"{o}: the model's shape comes from {hf_dir / 'config.json'}; of model.* only "
+                                  f"{', '.join(RUN_CHOICES)} can be set")
+            if key in ("run_dir", "data.tokenizer"):
+                raise ConfigError(f"{o}: keel import sets {key} (--run-dir, and the checkpoint's tokenizer copied "
+                                  f"into it)")
     base = load_config(args.config or ["tiny"], args.overrides)
     hf_config = hf.read_json(hf_dir / "config.json", "the model's config")
     model = hf.with_model(base.model, hf.from_hf_config(hf_config, str(hf_dir / "config.json")))
@@ -131,20 +147,21 @@ def run_import(args: argparse.Namespace) -> int:
     expected = jax.tree.map(lambda a: (a.shape, a.dtype), abstract_state(cfg, tx))
     if jax.tree.map(lambda a: (a.shape, a.dtype), state) != expected:
         raise ConfigError(f"{hf_dir}: the converted state does not have the shapes of the model it describes")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "tokenizer.json", tok.to_str())
     source = {"hf_dir": str(hf_dir.resolve()), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "config": hf_config}
     meta = {"run_fingerprint": fingerprint(cfg), "data_fingerprint": "", "data": {}, "skip_steps": [],
             "imported_from": source["hf_dir"]}
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=False)
-    try:
-        ckpt.save(0, state, meta)
-        ckpt.wait()
-    finally:
-        ckpt.close()
-    atomic_write(run_dir / "config.yaml", dump_yaml(cfg))
-    atomic_write(run_dir / IMPORTED, json.dumps(source, indent=1) + "\n")
+    # built beside RUN and renamed when complete: a failed or interrupted import leaves no half-made run directory
+    with _built_beside(run_dir) as tmp:
+        atomic_write(tmp / "tokenizer.json", tok.to_str())
+        ckpt = Checkpointer(tmp / "checkpoints", keep=cfg.checkpoint.keep, async_save=False)
+        try:
+            ckpt.save(0, state, meta)
+            ckpt.wait()
+        finally:
+            ckpt.close()
+        atomic_write(tmp / "config.yaml", dump_yaml(cfg))
+        atomic_write(tmp / IMPORTED, json.dumps(source, indent=1) + "\n")
     n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     print(f"imported {hf_dir} ({n:,} parameters, {model.n_layers} layers, d_model {model.d_model}) into "
           f"{run_dir} at step 0\ntrain from it: keel train --config {run_dir / 'config.yaml'}")

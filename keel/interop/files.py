@@ -95,7 +95,10 @@ def open_safetensors(hf_dir: Path) -> Iterator[tuple[Callable[[str], np.ndarray]
             weight_map = {k: f for f, h in handles.items() for k in h.keys()}  # noqa: SIM118 (not a dict)
 
         def get(name: str) -> np.ndarray:
-            return handles[weight_map[name]].get_tensor(name)
+            try:
+                return handles[weight_map[name]].get_tensor(name)
+            except Exception as e:  # safetensors' own error types: a tensor the index names but the file lacks
+                raise ConfigError(f"{hf_dir / weight_map[name]}: cannot read tensor {name} ({e})") from None
 
         yield get, set(weight_map)
 

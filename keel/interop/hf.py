@@ -51,6 +51,7 @@ HF_DEFAULTS: dict[str, Any] = {
     "sliding_window_pattern": 6, "final_logit_softcapping": None, "attn_logit_softcapping": None,
     "attention_bias": False, "use_bidirectional_attention": False, "rope_theta": 1_000_000.0,
     "rope_local_base_freq": 10_000.0, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+    "max_position_embeddings": 131_072,
 }
 
 
@@ -64,8 +65,8 @@ def import_notes(hf: Mapping[str, Any]) -> list[str]:
     """What `from_hf_config` reads differently from the config's face value, to tell the user."""
     text = hf.get("text_config", hf) if hf.get("model_type") == "gemma3" else hf
     cap = text.get("attn_logit_softcapping") if isinstance(text, Mapping) else None
-    return [f"attn_logit_softcapping={cap} is ignored: {IGNORED_BY_TRANSFORMERS}, and keel computes what it "
-            f"computes"] if cap else []
+    return [f"attn_logit_softcapping={cap} is ignored: {IGNORED_BY_TRANSFORMERS}, and keel imports what "
+            f"transformers computes (no cap)"] if cap else []
 
 
 def hf_name(path: tuple[str, ...], layer: int | None = None) -> str:
@@ -182,8 +183,14 @@ def to_hf_config(cfg: ModelConfig, *, max_position_embeddings: int, pad_id: int,
     global_rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.yarn.factor > 1:
         global_rope = {**_yarn_fields(cfg.yarn), "rope_theta": cfg.rope_theta}
-        max_position_embeddings = max(max_position_embeddings,
-                                      int(cfg.yarn.factor * cfg.yarn.original_max_position_embeddings))
+        # transformers 4.x takes YaRN's factor as max_position_embeddings / original_max_position_embeddings
+        # whenever the latter is given: the two must say the same factor
+        extended = cfg.yarn.factor * cfg.yarn.original_max_position_embeddings
+        if not float(extended).is_integer():
+            raise ConfigError(f"model.yarn.factor={cfg.yarn.factor:g} x original_max_position_embeddings="
+                              f"{cfg.yarn.original_max_position_embeddings} is not a whole number of positions: "
+                              f"transformers 4.x would read another factor from max_position_embeddings")
+        max_position_embeddings = int(extended)
     types = layer_types(cfg)
     return {
         "architectures": ["Gemma3ForCausalLM"],
@@ -234,13 +241,18 @@ def _field(hf: Mapping[str, Any], key: str, *aliases: str) -> Any:
 def _rope(hf: Mapping[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(global, local) rope parameters, from either config layout."""
     params = hf.get("rope_parameters")
+    scaling = hf.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, Mapping):
+        raise ConfigError(f"{where}: rope_scaling must be an object or null, not {scaling!r}")
     if isinstance(params, Mapping) and ("full_attention" in params or "sliding_attention" in params):
         glob = dict(params.get("full_attention") or {})
         local = dict(params.get("sliding_attention") or {})
-    elif isinstance(params, Mapping):  # one set of parameters for every layer
-        glob, local = dict(params), {"rope_theta": _field(hf, "rope_local_base_freq")}
+        glob.update(scaling or {})  # as transformers 5: rope_scaling lands on the full-attention layers
+    elif params is not None:
+        raise ConfigError(f"{where}: rope_parameters must hold per-layer-type entries (full_attention, "
+                          f"sliding_attention) for a Gemma-3 config, not {params!r}")
     else:
-        glob = dict(hf.get("rope_scaling") or {})
+        glob = dict(scaling or {})
         local = {}
     glob.setdefault("rope_theta", _field(hf, "rope_theta"))
     local.setdefault("rope_theta", _field(hf, "rope_local_base_freq"))
@@ -272,8 +284,28 @@ def _window_pattern(types: list[str], window: int | None, where: str) -> tuple[i
     return int(window), every
 
 
-def from_hf_config(hf: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
-    """keel's ModelConfig of a `gemma3_text` config.json (a multimodal `gemma3` one: its text_config)."""
+def from_hf_config(hf: Any, where: str = "config.json") -> ModelConfig:
+    """keel's ModelConfig of a `gemma3_text` config.json (a multimodal `gemma3` one: its text_config). Anything
+    malformed or that keel cannot compute is a ConfigError naming `where`; the model is validated as keel's
+    own configs are."""
+    from keel.config import Config, validate
+
+    if not isinstance(hf, Mapping):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(hf).__name__}")
+    try:
+        model = _from_hf_config(hf, where)
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
+        raise ConfigError(f"{where}: a field is missing or of the wrong type ({type(e).__name__}: {e})") from None
+    try:
+        validate(Config(model=model))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e} (as keel reads this config)") from None
+    return model
+
+
+def _from_hf_config(hf: Mapping[str, Any], where: str) -> ModelConfig:
     if hf.get("model_type") == "gemma3" and isinstance(hf.get("text_config"), Mapping):
         hf = {**hf["text_config"], "model_type": "gemma3_text"}
     if hf.get("model_type", "gemma3_text") != "gemma3_text":
@@ -296,10 +328,10 @@ def from_hf_config(hf: Mapping[str, Any], where: str = "config.json") -> ModelCo
     if glob["rope_type"] == "yarn":
         if glob.get("mscale") or glob.get("mscale_all_dim"):
             raise ConfigError(f"{where}: YaRN mscale / mscale_all_dim are not supported by keel")
-        factor = glob.get("factor") or (_field(hf, "max_position_embeddings")
-                                        / glob["original_max_position_embeddings"])
-        yarn = YarnConfig(factor=float(factor),
-                          original_max_position_embeddings=int(glob["original_max_position_embeddings"]),
+        # as transformers 5: the original context defaults to max_position_embeddings, the factor to their ratio
+        original = glob.get("original_max_position_embeddings") or _field(hf, "max_position_embeddings")
+        factor = glob.get("factor") or (_field(hf, "max_position_embeddings") / original)
+        yarn = YarnConfig(factor=float(factor), original_max_position_embeddings=int(original),
                           beta_fast=float(glob.get("beta_fast") or 32.0), beta_slow=float(glob.get("beta_slow") or 1.0),
                           attention_factor=float(glob.get("attention_factor") or 0.0),
                           truncate=bool(glob.get("truncate", True)))

@@ -32,8 +32,8 @@ def check_run_dir(cfg: Config, run_dir: Path, allow_config_change: bool) -> None
     saved_path = run_dir / "config.yaml"
     if saved_path.exists():
         diffs = resume_differences(load_saved_config(saved_path), cfg)
-        if imported_untrained(run_dir):  # only the imported model and its tokenizer are fixed yet
-            diffs = [d for d in diffs if d.startswith(IMPORT_FIXED)]
+        if imported_untrained(run_dir):  # only the imported model, its tokenizer and the optimizer are fixed yet
+            diffs = [d for d in diffs if d.startswith(IMPORT_FIXED) and not d.startswith(IMPORT_FREE)]
         if diffs and not allow_config_change:
             raise ConfigError(f"{run_dir} holds a run with a different configuration; resuming would change it:\n  "
                               + "\n  ".join(diffs) + RETRY)
@@ -41,13 +41,19 @@ def check_run_dir(cfg: Config, run_dir: Path, allow_config_change: bool) -> None
         atomic_write(saved_path, dump_yaml(cfg))
 
 
-IMPORT_FIXED = ("model.", "data.tokenizer:")
+# Before an imported run's first trained checkpoint: the model and the token ids are the checkpoint's, and the
+# optimizer is the one whose state the step-0 checkpoint holds (another would not restore); how the model runs
+# (remat, compute dtype, attention kernel) and every training setting may still change.
+IMPORT_FIXED = ("model.", "data.tokenizer:", "optim.name:")
+IMPORT_FREE = ("model.remat:", "model.compute_dtype:", "model.attention:")
 
 
 def imported_untrained(run_dir: Path) -> bool:
-    """A run directory `keel import` made whose only checkpoint is still the imported step 0."""
+    """A run directory `keel import` made that has not trained yet: step 0 is its only checkpoint, and its events
+    record no committed checkpoint (a trained one whose later checkpoints were deleted is not untrained)."""
     steps = [p.name for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()]
-    return (run_dir / "imported.json").exists() and set(steps) <= {"0"}
+    committed = [committed_before(p) for p in sorted((run_dir / "events").glob("host*.jsonl"))]
+    return (run_dir / "imported.json").exists() and set(steps) <= {"0"} and not any(c for c in committed)
 
 
 def checkpoint_meta(cfg_fingerprint: str, data_fingerprint: str, data_description: dict, plan: StepPlan) -> dict:
@@ -93,7 +99,9 @@ def restore_or_init(run: Run, ckpt: Checkpointer, meta: dict[str, Any], plan: St
             return run.init()
     for note in restored.notes:
         log(note)
-    # a step-0 checkpoint (`keel import`) has seen no data: any data may start it
+    if restored.step == 0:  # `keel import`'s: refuse it if the events say later checkpoints were committed
+        check_history(events, restart_from_scratch)
+    # a step-0 checkpoint has seen no data: any data may start it
     diffs = data_differences(restored.meta, meta, plan, restored.step) if restored.step > 0 else []
     if diffs:
         message = (f"checkpoint {restored.step} in {ckpt.directory.parent} was trained on other data; resuming "
