@@ -228,8 +228,11 @@ def test_what_keel_cannot_compute_is_refused_by_name(change, message):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"num_hidden_layers": None}, "wrong type"),
-    ({"num_hidden_layers": "many"}, "wrong type"),
+    ({"num_hidden_layers": None}, "num_hidden_layers must be a whole number"),
+    ({"num_hidden_layers": "many"}, "num_hidden_layers must be a whole number"),
+    ({"num_hidden_layers": 3.5}, "num_hidden_layers must be a whole number"),
+    ({"rms_norm_eps": "small"}, "rms_norm_eps must be a number"),
+    ({"query_pre_attn_scalar": 0}, "must be > 0"),
     ({"layer_types": None, "sliding_window_pattern": 0}, "wrong type"),
     ({"num_attention_heads": 3}, "n_kv_heads"),
     ({"head_dim": 7}, "head_dim"),
@@ -284,6 +287,7 @@ def _rewrite_tensors(hf_dir: Path, edit) -> None:
 
 
 @pytest.mark.parametrize("edit, message", [
+    (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].astype(np.int32)}), "is int32"),
     (lambda t: t.pop("model.layers.2.mlp.up_proj.weight"), "model.layers.2.mlp.up_proj.weight is missing"),
     (lambda t: t.update({"model.norm.weight": np.zeros(7, np.float32)}), r"model.norm.weight has shape \[7\]"),
     (lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)}), "no place for"),
@@ -296,6 +300,54 @@ def test_import_refuses_a_checkpoint_that_does_not_match_its_config(tmp_path, ca
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t["model"]["vocab"].update({"<s>": t["model"]["vocab"].pop("<bos>")}), "has no <bos> token"),
+    (lambda t: t["model"]["vocab"].update({"<eos>": 2, "<bos>": 1}), "<bos> is id 1, but config.json's bos_token_id"),
+    (lambda t: t["model"]["vocab"].update({f"x{i}": 128 + i for i in range(9)}), "more than the model's vocab"),
+])
+def test_a_tokenizer_that_does_not_match_the_model_is_refused(tmp_path, capsys, edit, message):
+    """keel finds <pad>/<bos>/<eos> by name: a tokenizer naming them otherwise, or at other ids than config.json
+    says, or with more tokens than the embedding has rows, would feed the model ids it never learned."""
+    hf_dir = _copy_case(tmp_path)
+    _edit_json(hf_dir / "tokenizer.json", edit)
+    assert _import(hf_dir, tmp_path / "run") == 2
+    assert message in capsys.readouterr().err
+    assert cli.main(["generate", str(hf_dir), "--prompt", "w1"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_bad_index_is_refused(tmp_path, capsys):
+    hf_dir = _copy_case(tmp_path)
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+    assert _import(hf_dir, tmp_path / "a") == 2
+    assert "weight_map must map tensor names to file names" in capsys.readouterr().err
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "../sliding/model.safetensors"}}))
+    assert _import(hf_dir, tmp_path / "b") == 2
+    assert "shard names must be files of" in capsys.readouterr().err
+
+
+def test_export_and_import_say_what_is_wrong_with_their_arguments(knob_run, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert _import(GOLDEN / "sliding", tmp_path / "file" / "run") == 2
+    assert "cannot create a directory there" in capsys.readouterr().err
+    assert _import(GOLDEN / "sliding", tmp_path / "file") == 2
+    assert "is a file" in capsys.readouterr().err
+    assert cli.main(["export", str(knob_run), "--hf", str(tmp_path / "o"), "--step", "3"]) == 3
+    assert "has no checkpoint of step 3; it has 4" in capsys.readouterr().err
+    assert cli.main(["export", str(knob_run), "--hf", str(tmp_path / "o"), "--max-shard-size", "0"]) == 2
+    assert "positive size" in capsys.readouterr().err
+    assert cli.main(["export", str(GOLDEN / "sliding"), "--hf", str(tmp_path / "o")]) == 2
+    assert "already a Hugging Face model directory" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_failed_import_leaves_no_run_directory(tmp_path, monkeypatch, capsys):
     from keel.train import checkpoint
 
@@ -303,8 +355,8 @@ def test_a_failed_import_leaves_no_run_directory(tmp_path, monkeypatch, capsys):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint.Checkpointer, "save", broken)
-    with pytest.raises(OSError):
-        cli.main(["--debug", "import", str(GOLDEN / "sliding"), "--run-dir", str(tmp_path / "run")])
+    assert _import(GOLDEN / "sliding", tmp_path / "run") == 3
+    assert "No space left on device); nothing was left there" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the run nor its .partial
     monkeypatch.undo()
     assert _import(GOLDEN / "sliding", tmp_path / "run") == 0  # and the same command works afterwards

@@ -28,7 +28,6 @@ class TrainedRun:
         """<bos> and the text's tokens, as the run's documents begin (no trailing <eos>)."""
         return [self.bos_id] + self.tokenizer.encode(text, add_special_tokens=False).ids
 
-
     @property
     def label(self) -> str:
         """What the parameters are, for a report: "step N" of a run, or "Hugging Face checkpoint"."""
@@ -64,6 +63,7 @@ def open_hf(hf_dir: Path) -> TrainedRun:
 
     hf_config = hf.read_json(hf_dir / "config.json", "the model's config")
     model = hf.from_hf_config(hf_config, str(hf_dir / "config.json"))
+    hf.check_tokenizer(hf_dir / "tokenizer.json", hf_config, model.vocab_size)
     context = int(hf_config.get("max_position_embeddings") or 2048)
     cfg = Config(run_dir=str(hf_dir), model=model, data=DataConfig(seq_len=min(context, 2048)))
     tok = load_tokenizer(hf_dir / "tokenizer.json", what=f"the tokenizer of {hf_dir}")

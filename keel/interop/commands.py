@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from keel.errors import ConfigError
+from keel.errors import CheckpointError, ConfigError
 
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 # keel's own parameters keys that only say how to run the model, which `keel import` leaves to the config
@@ -44,7 +44,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _fresh_directory(path: Path, what: str) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} is a file; keel writes a new directory there")
+    if path.exists() and any(path.iterdir()):
         raise ConfigError(f"{what} {path} already exists and is not empty; keel writes only into a new directory")
 
 
@@ -54,11 +56,16 @@ def _built_beside(out: Path) -> Iterator[Path]:
     without an error, removed when it raises: OUT is complete or absent."""
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot create a directory there ({e.strerror or e})") from None
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":  # a full disk, a file-size limit
+            raise CheckpointError(f"writing {out} failed ({e}); nothing was left there") from e
         raise
     if out.exists():
         out.rmdir()  # empty: `_fresh_directory` checked
@@ -75,6 +82,8 @@ def run_export(args: argparse.Namespace) -> int:
     out = Path(args.hf)
     _fresh_directory(out, "--hf")
     max_bytes = files.parse_size(args.max_shard_size)
+    if (Path(args.run_dir) / "config.json").exists() and not (Path(args.run_dir) / "config.yaml").exists():
+        raise ConfigError(f"{args.run_dir} is already a Hugging Face model directory; keel export reads keel runs")
     run = open_run(args.run_dir, args.step)
     cfg = run.cfg
     hf.check_exportable(cfg.model)
@@ -135,10 +144,8 @@ def run_import(args: argparse.Namespace) -> int:
     tokenizer_path = run_dir.resolve() / "tokenizer.json"
     cfg = validate(replace(base, run_dir=str(run_dir), model=model,
                            data=replace(base.data, tokenizer=str(tokenizer_path))))
+    hf.check_tokenizer(hf_dir / "tokenizer.json", hf_config, model.vocab_size)
     tok = load_tokenizer(hf_dir / "tokenizer.json", what="the checkpoint's tokenizer")
-    if tok.get_vocab_size() > model.vocab_size:
-        raise ConfigError(f"{hf_dir / 'tokenizer.json'} has {tok.get_vocab_size()} tokens, more than the model's "
-                          f"vocab_size {model.vocab_size}")
     with files.open_safetensors(hf_dir) as (get, names):
         params = hf.from_hf_tensors(get, names, model, np.dtype(model.param_dtype), str(hf_dir))
     tx = build_optimizer(cfg)[0]

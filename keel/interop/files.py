@@ -29,9 +29,10 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2*
 def parse_size(text: str) -> int:
     """'5GB' -> 5e9 bytes (HF's convention: GB is 10^9, GiB 2^30); a bare number is bytes."""
     m = _SIZE.match(text)
-    if not m:
-        raise ConfigError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+    size = int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()]) if m else 0
+    if size <= 0:
+        raise ConfigError(f"--max-shard-size {text!r}: expected a positive size such as 5GB, 500MB or 2GiB")
+    return size
 
 
 def shard_plan(tensors: dict[str, np.ndarray], max_bytes: int) -> list[list[str]]:
@@ -76,6 +77,11 @@ def open_safetensors(hf_dir: Path) -> Iterator[tuple[Callable[[str], np.ndarray]
             weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{index_path}: not a safetensors index ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ConfigError(f"{index_path}: weight_map must map tensor names to file names")
+        outside = sorted({f for f in weight_map.values() if Path(f).name != f or f in ("", ".", "..")})
+        if outside:
+            raise ConfigError(f"{index_path}: shard names must be files of {hf_dir} itself, not {outside[:3]}")
         files = sorted(set(weight_map.values()))
     elif single.exists():
         weight_map, files = {}, [SINGLE]

@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from keel.config import ModelConfig, YarnConfig
@@ -125,6 +126,8 @@ def from_hf_tensors(get: Any, names: set[str], cfg: ModelConfig, dtype: np.dtype
             if name not in names:
                 raise ConfigError(f"{where}: tensor {name} is missing (keel's {'.'.join(path)})")
             w = np.asarray(get(name))
+            if not jnp.issubdtype(w.dtype, jnp.floating):
+                raise ConfigError(f"{where}: tensor {name} is {w.dtype}; weights are floating point")
             want = _to_hf(np.empty(shape, np.uint8), shape, spec.n_in).shape
             if w.shape != want:
                 raise ConfigError(f"{where}: tensor {name} has shape {list(w.shape)}, the config says {list(want)}")
@@ -238,6 +241,23 @@ def _field(hf: Mapping[str, Any], key: str, *aliases: str) -> Any:
     return HF_DEFAULTS[key]
 
 
+def _whole(hf: Mapping[str, Any], key: str, where: str) -> int:
+    """A field that must be a whole number (3, or 3.0; not 3.5, "3", true or null)."""
+    value = _field(hf, key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not float(value).is_integer():
+        raise ConfigError(f"{where}: {key} must be a whole number, not {value!r}")
+    return int(value)
+
+
+def _real(hf: Mapping[str, Any], key: str, where: str, *, none_is: float | None = None) -> float:
+    value = _field(hf, key)
+    if value is None and none_is is not None:
+        return none_is
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where}: {key} must be a number, not {value!r}")
+    return float(value)
+
+
 def _rope(hf: Mapping[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(global, local) rope parameters, from either config layout."""
     params = hf.get("rope_parameters")
@@ -316,9 +336,9 @@ def _from_hf_config(hf: Mapping[str, Any], where: str) -> ModelConfig:
     for flag in ("attention_bias", "use_bidirectional_attention"):
         if _field(hf, flag):
             raise ConfigError(f"{where}: {flag}=true is not supported by keel")
-    n_layers, head_dim = int(_field(hf, "num_hidden_layers")), int(_field(hf, "head_dim"))
+    n_layers, head_dim = _whole(hf, "num_hidden_layers", where), _whole(hf, "head_dim", where)
     types = hf.get("layer_types") or [
-        "sliding_attention" if (i + 1) % int(_field(hf, "sliding_window_pattern")) else "full_attention"
+        "sliding_attention" if (i + 1) % _whole(hf, "sliding_window_pattern", where) else "full_attention"
         for i in range(n_layers)]
     if len(types) != n_layers:
         raise ConfigError(f"{where}: {len(types)} layer_types for {n_layers} layers")
@@ -336,17 +356,19 @@ def _from_hf_config(hf: Mapping[str, Any], where: str) -> ModelConfig:
                           attention_factor=float(glob.get("attention_factor") or 0.0),
                           truncate=bool(glob.get("truncate", True)))
     theta, local_theta = float(glob["rope_theta"]), float(local["rope_theta"])
-    qpas = float(_field(hf, "query_pre_attn_scalar"))
+    qpas = _real(hf, "query_pre_attn_scalar", where)
+    if qpas <= 0:
+        raise ConfigError(f"{where}: query_pre_attn_scalar must be > 0 (the scale is its inverse square root)")
     return ModelConfig(
-        vocab_size=int(_field(hf, "vocab_size")), d_model=int(_field(hf, "hidden_size")), n_layers=n_layers,
-        n_heads=int(_field(hf, "num_attention_heads")), n_kv_heads=int(_field(hf, "num_key_value_heads")),
-        head_dim=head_dim, mlp_dim=int(_field(hf, "intermediate_size")), rope_theta=theta,
+        vocab_size=_whole(hf, "vocab_size", where), d_model=_whole(hf, "hidden_size", where), n_layers=n_layers,
+        n_heads=_whole(hf, "num_attention_heads", where), n_kv_heads=_whole(hf, "num_key_value_heads", where),
+        head_dim=head_dim, mlp_dim=_whole(hf, "intermediate_size", where), rope_theta=theta,
         rope_local_theta=0.0 if window == 0 or local_theta == theta else local_theta, yarn=yarn,
         sliding_window=window, global_every=every if window else 1, qk_norm=True,
-        final_logit_softcap=float(_field(hf, "final_logit_softcapping") or 0.0),
+        final_logit_softcap=_real(hf, "final_logit_softcapping", where, none_is=0.0),
         attn_logit_softcap=0.0,  # see IGNORED_BY_TRANSFORMERS
         query_pre_attn_scalar=0.0 if qpas == head_dim else qpas,
-        tie_embeddings=bool(_field(hf, "tie_word_embeddings")), norm_eps=float(_field(hf, "rms_norm_eps")))
+        tie_embeddings=bool(_field(hf, "tie_word_embeddings")), norm_eps=_real(hf, "rms_norm_eps", where))
 
 
 def with_model(base: ModelConfig, imported: ModelConfig) -> ModelConfig:
@@ -362,3 +384,27 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: not found ({what})") from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: not readable as JSON ({what}): {e}") from None
+
+
+def check_tokenizer(path: Path, hf_config: Mapping[str, Any], vocab_size: int) -> None:
+    """The checkpoint's tokenizer.json as keel will use it: <pad>, <bos> and <eos> present, at the ids config.json
+    gives (keel finds them by name; a tokenizer naming them otherwise would get new ids the model never
+    learned), and no more tokens than the embedding has rows."""
+    from tokenizers import Tokenizer
+
+    from keel.data.tokenizer import SPECIAL_TOKENS
+
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise ConfigError(f"{path}: not a valid tokenizer.json ({e})") from None
+    text = hf_config.get("text_config", hf_config) if hf_config.get("model_type") == "gemma3" else hf_config
+    for token, key in zip(SPECIAL_TOKENS, ("pad_token_id", "bos_token_id", "eos_token_id"), strict=True):
+        have, want = tok.token_to_id(token), text.get(key, HF_DEFAULTS[key])
+        want = want[0] if isinstance(want, list) and want else want
+        if have is None:
+            raise ConfigError(f"{path}: has no {token} token; keel marks documents with {', '.join(SPECIAL_TOKENS)}")
+        if want is not None and have != want:
+            raise ConfigError(f"{path}: {token} is id {have}, but config.json's {key} is {want}")
+    if tok.get_vocab_size() > vocab_size:
+        raise ConfigError(f"{path} has {tok.get_vocab_size()} tokens, more than the model's vocab_size {vocab_size}")

@@ -242,13 +242,20 @@ class Checkpointer:
         if not read_only:
             _agree_writable(self.directory)
         _condense_orbax_noise()
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=None if read_only else keep, enable_async_checkpointing=async_save,
-                read_only=read_only,
-                async_options=ocp.AsyncOptions(create_directories_asynchronously=False)),
-        )
+        absl = logging.getLogger("absl")
+        level = absl.level
+        if read_only:  # Orbax warns three times that a read-only manager will not save: it is meant to be so
+            absl.setLevel(logging.ERROR)
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=None if read_only else keep, enable_async_checkpointing=async_save,
+                    read_only=read_only,
+                    async_options=ocp.AsyncOptions(create_directories_asynchronously=False)),
+            )
+        finally:
+            absl.setLevel(level)
 
     # -- listing
 
@@ -493,6 +500,10 @@ def load_params(run_dir: str | Path, cfg: Config, step: int | None = None) -> tu
     checkpoint's checksums are verified."""
     ckpt = Checkpointer(Path(run_dir) / "checkpoints", keep=cfg.checkpoint.keep, async_save=False, read_only=True)
     try:
+        steps = ckpt.all_steps()
+        if step is not None and step not in steps:
+            raise CheckpointError(f"{run_dir} has no checkpoint of step {step}; it has "
+                                  f"{', '.join(map(str, steps)) or 'none'}")
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{run_dir} has no checkpoint")
