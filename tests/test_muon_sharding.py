@@ -192,3 +192,5 @@ def test_partition_printed_at_start_shows_rounds_and_balance():
     assert "muon  (7)" in text and "over 8 devices (data 1 x fsdp 4 x tensor 2)" in text
     assert re.search(r"rounds \d+ \(one stack at a time: 7\)", text) and "balance (mean/busiest) 99%" in text
     assert describe_partition(cfg.model) == describe_partition(cfg.model, None)  # no mesh: the partition only
+    one = make_mesh(load_config(["tiny"], ["mesh.data=1"]).mesh, jax.devices()[:1])
+    assert describe_partition(cfg.model, one) == describe_partition(cfg.model)  # one device: nothing to spread

@@ -6,6 +6,7 @@ Weight decay applies to matrices only (ndim >= 2); norm scales and other vectors
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -73,7 +74,7 @@ def describe_partition(model: ModelConfig, mesh: Mesh | AbstractMesh | None = No
     for key, spec in named_specs(model).items():
         rows["muon" if key in views else "adamw"].append(f"{key}{list(spec.shape)}")
     text = "\n".join(f"  {name:5s} ({len(r)}): {', '.join(r)}" for name, r in rows.items())
-    if mesh is None or not views:
+    if mesh is None or not views or math.prod(mesh.shape.values()) == 1:  # one device: nothing to spread
         return text
     return text + "\n" + layer_sharding_plan(model, mesh, ns_steps).describe()
 
