@@ -74,6 +74,13 @@ def test_cudnn_is_refused_where_it_cannot_run_or_cap():
     assert T.resolve_attention("auto") == ("pallas" if jax.default_backend() == "gpu" else "xla")
 
 
+def test_pallas_on_a_tpu_says_it_is_not_there_yet(monkeypatch):
+    monkeypatch.setattr(T.jax, "default_backend", lambda: "tpu")
+    assert T.resolve_attention("auto") == "xla"
+    with pytest.raises(ConfigError, match="Mosaic TPU version is not written yet"):
+        T.attention_fn(replace(CFG, attention="pallas"), None, (1, 8, 4, 8), (1, 8, 2, 8))
+
+
 @pytest.mark.slow  # two tiny trainings, one with interpret-mode kernels on 8 fake devices (~40 s)
 def test_keel_train_with_pallas_gives_the_xla_losses(tiny_args, tmp_path):
     """The real entry point on packed documents (the data pipeline's segment ids), local and global layers."""

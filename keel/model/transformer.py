@@ -295,6 +295,10 @@ def attention_fn(cfg: ModelConfig, sharder: Sharder | None, q_shape: tuple[int, 
     impl = resolve_attention(cfg.attention)
     if impl == "xla":
         return attention
+    if impl == "pallas" and jax.default_backend() == "tpu":
+        raise ConfigError("model.attention=pallas: keel's flash kernels lower through Triton (GPU) and run in "
+                          "interpret mode (CPU); their Mosaic TPU version is not written yet (docs/kernels.md): "
+                          "use xla or auto on TPUs")
     if impl == "cudnn" and jax.default_backend() != "gpu":
         raise ConfigError(f"model.attention=cudnn needs an NVIDIA GPU; this process's devices are "
                           f"{jax.default_backend()} (use xla, pallas or auto)")
