@@ -69,6 +69,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -602,14 +603,17 @@ def _verdict_of_process0(step_dir: Path) -> Verdict:
 @contextlib.contextmanager
 def _quiet_library_noise() -> Iterator[None]:
     """A restore that fails leaves Orbax's asyncio tasks to be collected later, each printing a traceback
-    ("Event loop is closed", "exception never retrieved"); the error itself is reported once, by keel."""
+    ("Event loop is closed", "exception never retrieved") or a RuntimeWarning ("coroutine ... was never
+    awaited"); the error itself is reported once, by keel."""
     hook, level = sys.unraisablehook, logging.getLogger("asyncio").level
     sys.unraisablehook = lambda unraisable: None
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        gc.collect()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+            gc.collect()
         sys.unraisablehook = hook
         logging.getLogger("asyncio").setLevel(level)
 
