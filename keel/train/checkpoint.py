@@ -633,11 +633,17 @@ class _OneLineOrbaxErrors(logging.Filter):
         return True
 
 
+# What marks an asyncio record as one of Orbax's: its code in the traceback or the message, or, for a future whose
+# exception TensorStore set from C++ (no Python frames), the save's temporary directory or TensorStore's own words.
+_ORBAX_MARKS = (f"{os.sep}orbax{os.sep}", ".orbax-checkpoint-tmp", "OCDBT database", "tensorstore")
+
+
 def _from_orbax(record: logging.LogRecord) -> bool:
-    """Whether an asyncio record is about one of Orbax's tasks (named in the message or in the traceback)."""
-    orbax = f"{os.sep}orbax{os.sep}"
+    """Whether an asyncio record is about one of Orbax's tasks or futures (keel itself runs no asyncio)."""
     tb = record.exc_info[2] if record.exc_info else None
-    return orbax in record.getMessage() or any(orbax in frame.filename for frame in traceback.extract_tb(tb))
+    message = record.getMessage()
+    return any(mark in message for mark in _ORBAX_MARKS) or any(
+        f"{os.sep}orbax{os.sep}" in frame.filename for frame in traceback.extract_tb(tb))
 
 
 class _WithoutOrbaxLeftovers:
