@@ -57,17 +57,11 @@ def open_run(run_dir: str | Path, step: int | None = None) -> TrainedRun:
 def open_hf(hf_dir: Path) -> TrainedRun:
     """A Hugging Face gemma3_text directory as a run: the model from config.json, float32 parameters from its
     safetensors, its tokenizer.json; data.seq_len (the window `keel eval` scores in) is its context, at most 2048."""
-    import numpy as np
+    from keel.interop import files
 
-    from keel.interop import files, hf
-
-    hf_config = hf.read_json(hf_dir / "config.json", "the model's config")
-    model = hf.from_hf_config(hf_config, str(hf_dir / "config.json"))
-    hf.check_tokenizer(hf_dir / "tokenizer.json", hf_config, model.vocab_size)
+    hf_config, model = files.read_model(hf_dir)
+    tok, params = files.read_weights(hf_dir, hf_config, model, "float32")
     context = int(hf_config.get("max_position_embeddings") or 2048)
     cfg = Config(run_dir=str(hf_dir), model=model, data=DataConfig(seq_len=min(context, 2048)))
-    tok = load_tokenizer(hf_dir / "tokenizer.json", what=f"the tokenizer of {hf_dir}")
     pad, bos, eos = special_ids(tok)
-    with files.open_safetensors(hf_dir) as (get, names):
-        params = hf.from_hf_tensors(get, names, model, np.dtype(np.float32), str(hf_dir))
     return TrainedRun(hf_dir, cfg, params, -1, tok, pad, bos, eos)

@@ -116,7 +116,6 @@ def run_import(args: argparse.Namespace) -> int:
     import numpy as np
 
     from keel.config import dump_yaml, fingerprint, flatten, load_config, parse_override, validate
-    from keel.data.tokenizer import load_tokenizer
     from keel.interop import files, hf
     from keel.io import atomic_write
     from keel.optim.optimizers import build_optimizer
@@ -137,17 +136,14 @@ def run_import(args: argparse.Namespace) -> int:
                 raise ConfigError(f"{o}: keel import sets {key} (--run-dir, and the checkpoint's tokenizer copied "
                                   f"into it)")
     base = load_config(args.config or ["tiny"], args.overrides)
-    hf_config = hf.read_json(hf_dir / "config.json", "the model's config")
-    model = hf.with_model(base.model, hf.from_hf_config(hf_config, str(hf_dir / "config.json")))
+    hf_config, imported = files.read_model(hf_dir)
+    model = hf.with_model(base.model, imported)
     for note in hf.import_notes(hf_config):
         print(f"keel import: note: {note}")
     tokenizer_path = run_dir.resolve() / "tokenizer.json"
     cfg = validate(replace(base, run_dir=str(run_dir), model=model,
                            data=replace(base.data, tokenizer=str(tokenizer_path))))
-    hf.check_tokenizer(hf_dir / "tokenizer.json", hf_config, model.vocab_size)
-    tok = load_tokenizer(hf_dir / "tokenizer.json", what="the checkpoint's tokenizer")
-    with files.open_safetensors(hf_dir) as (get, names):
-        params = hf.from_hf_tensors(get, names, model, np.dtype(model.param_dtype), str(hf_dir))
+    tok, params = files.read_weights(hf_dir, hf_config, model, model.param_dtype)
     tx = build_optimizer(cfg)[0]
     params = jax.tree.map(jnp.asarray, params)
     state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), init_monitor(cfg.spike))

@@ -15,7 +15,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, processors
 
+from keel.config import ModelConfig
 from keel.errors import ConfigError
+from keel.interop import hf
 from keel.io import atomic_write
 
 SINGLE = "model.safetensors"
@@ -132,3 +134,25 @@ def generation_config(*, bos_id: int, pad_id: int, eos_id: int, temperature: flo
     """generation_config.json: keel's sampling defaults (`keel generate`), so HF's `generate` samples alike."""
     return {"bos_token_id": bos_id, "pad_token_id": pad_id, "eos_token_id": eos_id, "do_sample": temperature > 0,
             "temperature": temperature, "top_p": top_p, "top_k": 0, "max_length": max_length}
+
+
+# ------------------------------------------------------------------------------------------ a checkpoint
+
+
+def read_model(hf_dir: Path) -> tuple[dict[str, Any], ModelConfig]:
+    """config.json of a Hugging Face directory and keel's model of it (`hf.from_hf_config`)."""
+    config = hf.read_json(hf_dir / "config.json", "the model's config")
+    return config, hf.from_hf_config(config, str(hf_dir / "config.json"))
+
+
+def read_weights(hf_dir: Path, config: dict[str, Any], model: ModelConfig, dtype: Any
+                 ) -> tuple[Tokenizer, dict[str, Any]]:
+    """The directory's tokenizer (checked against config.json and the model: `hf.check_tokenizer`) and its
+    weights as keel's parameter tree of `model`, in `dtype`."""
+    from keel.data.tokenizer import load_tokenizer
+
+    hf.check_tokenizer(hf_dir / "tokenizer.json", config, model.vocab_size)
+    tok = load_tokenizer(hf_dir / "tokenizer.json", what=f"the tokenizer of {hf_dir}")
+    with open_safetensors(hf_dir) as (get, names):
+        params = hf.from_hf_tensors(get, names, model, np.dtype(dtype), str(hf_dir))
+    return tok, params

@@ -29,7 +29,7 @@ import numpy as np
 
 from keel.config import ModelConfig, YarnConfig
 from keel.errors import ConfigError
-from keel.model.transformer import ParamSpec, named_specs
+from keel.model.transformer import ParamSpec, param_specs
 
 LAYER_NAMES = {
     "attn_norm": "input_layernorm", "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
@@ -78,8 +78,17 @@ def hf_name(path: tuple[str, ...], layer: int | None = None) -> str:
 
 
 def _specs(cfg: ModelConfig) -> Iterator[tuple[tuple[str, ...], ParamSpec]]:
-    for key, spec in named_specs(cfg).items():
-        yield tuple(key.strip("[]'").split("']['")), spec
+    """(("embed",), spec), ..., (("layers", "wq"), spec), ...: every parameter's path in the tree."""
+    for name, spec in param_specs(cfg).items():
+        if name == "layers":
+            yield from ((("layers", key), layer_spec) for key, layer_spec in spec.items())
+        else:
+            yield (name,), spec
+
+
+def _hf_shape(spec_shape: tuple[int, ...], n_in: int) -> tuple[int, ...]:
+    """The shape of one keel array of `spec_shape` in HF layout: a matrix as (out, in), anything else as is."""
+    return spec_shape if n_in == 0 else (math.prod(spec_shape[n_in:]), math.prod(spec_shape[:n_in]))
 
 
 def _to_hf(w: np.ndarray, spec_shape: tuple[int, ...], n_in: int) -> np.ndarray:
@@ -128,7 +137,7 @@ def from_hf_tensors(get: Any, names: set[str], cfg: ModelConfig, dtype: np.dtype
             w = np.asarray(get(name))
             if not jnp.issubdtype(w.dtype, jnp.floating):
                 raise ConfigError(f"{where}: tensor {name} is {w.dtype}; weights are floating point")
-            want = _to_hf(np.empty(shape, np.uint8), shape, spec.n_in).shape
+            want = _hf_shape(shape, spec.n_in)
             if w.shape != want:
                 raise ConfigError(f"{where}: tensor {name} has shape {list(w.shape)}, the config says {list(want)}")
             arrays.append(_from_hf(w, shape, spec.n_in).astype(dtype))
