@@ -32,7 +32,7 @@ def check_run_dir(cfg: Config, run_dir: Path, allow_config_change: bool) -> None
     saved_path = run_dir / "config.yaml"
     if saved_path.exists():
         diffs = resume_differences(load_saved_config(saved_path), cfg)
-        if imported_untrained(run_dir):  # only the imported model, its tokenizer and the optimizer are fixed yet
+        if diffs and imported_untrained(run_dir):  # only the model, its tokenizer and the optimizer are fixed yet
             diffs = [d for d in diffs if d.startswith(IMPORT_FIXED) and not d.startswith(IMPORT_FREE)]
         if diffs and not allow_config_change:
             raise ConfigError(f"{run_dir} holds a run with a different configuration; resuming would change it:\n  "
@@ -51,9 +51,11 @@ IMPORT_FREE = ("model.remat:", "model.compute_dtype:", "model.attention:")
 def imported_untrained(run_dir: Path) -> bool:
     """A run directory `keel import` made that has not trained yet: step 0 is its only checkpoint, and its events
     record no committed checkpoint (a trained one whose later checkpoints were deleted is not untrained)."""
-    steps = [p.name for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()]
-    committed = [committed_before(p) for p in sorted((run_dir / "events").glob("host*.jsonl"))]
-    return (run_dir / "imported.json").exists() and set(steps) <= {"0"} and not any(c for c in committed)
+    if not (run_dir / "imported.json").exists():
+        return False
+    steps = {p.name for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()}
+    # the events are read last: on a long run they are large, and only an imported run at step 0 needs them
+    return steps <= {"0"} and not any(committed_before(p) for p in sorted((run_dir / "events").glob("host*.jsonl")))
 
 
 def checkpoint_meta(cfg_fingerprint: str, data_fingerprint: str, data_description: dict, plan: StepPlan) -> dict:
