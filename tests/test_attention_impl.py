@@ -31,9 +31,14 @@ def _batch(B: int = 8, L: int = 32):
                                   MeshConfig(data=2, fsdp=2, tensor=2), MeshConfig(data=2, fsdp=1, tensor=4),
                                   pytest.param(MeshConfig(data=1, fsdp=8, tensor=1), marks=pytest.mark.slow)],
                          ids=["data8", "2x2x2", "tensor4-kv2", "fsdp8"])
-def test_pallas_in_the_model_equals_xla_on_every_mesh(mesh):
-    """Forward and parameter gradients. tensor=4 with 2 KV heads: the KV heads cannot split four ways, so the
-    kernel runs with whole heads per shard."""
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_pallas_in_the_model_equals_xla_on_every_mesh(mesh, backend, monkeypatch):
+    """Forward and parameter gradients, with the kernels' Triton (GPU) and Mosaic (TPU) versions, both in
+    interpret mode. tensor=4 with 2 KV heads: the KV heads cannot split four ways, so the kernel runs with whole
+    heads per shard."""
+    from keel.kernels import flash
+
+    monkeypatch.setattr(flash, "flash_attention", functools.partial(flash.flash_attention, backend=backend))
     params = T.init_params(CFG, jax.random.key(0))
     tokens, segments, positions = _batch()
     sharder = Sharder(make_mesh(mesh))
@@ -74,11 +79,19 @@ def test_cudnn_is_refused_where_it_cannot_run_or_cap():
     assert T.resolve_attention("auto") == ("pallas" if jax.default_backend() == "gpu" else "xla")
 
 
-def test_pallas_on_a_tpu_says_it_is_not_there_yet(monkeypatch):
-    monkeypatch.setattr(T.jax, "default_backend", lambda: "tpu")
+def test_pallas_on_a_tpu_runs_the_mosaic_kernels(monkeypatch):
+    """On a TPU, `pallas` is the kernels' Mosaic version (here in Pallas' TPU interpret mode); `auto` stays on
+    XLA until the kernels are measured there."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert T.resolve_attention("auto") == "xla"
-    with pytest.raises(ConfigError, match="Mosaic TPU version is not written yet"):
-        T.attention_fn(replace(CFG, attention="pallas"), None, (1, 8, 4, 8), (1, 8, 2, 8))
+    fn = functools.partial(T.attention_fn(replace(CFG, attention="pallas"), None, (2, 32, 4, 8), (2, 32, 2, 8)),
+                           interpret=True)
+    q = jax.random.normal(jax.random.key(3), (2, 32, 4, 8))
+    k, v = q[:, :, :2], q[:, :, 2:]
+    _, segments, _ = _batch(2, 32)
+    run = functools.partial(fn, segment_ids_BL=segments, window=5, softcap=3.0)
+    assert "keel_flash_forward_tpu" in str(jax.make_jaxpr(run)(q, k, v))
+    np.testing.assert_allclose(run(q, k, v), attention(q, k, v, segments, 5, 3.0), atol=1e-5)
 
 
 @pytest.mark.slow  # two tiny trainings, one with interpret-mode kernels on 8 fake devices (~40 s)

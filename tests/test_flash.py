@@ -43,6 +43,7 @@ class Program:
     block_q: int = 16
     block_k: int = 16
     backward_blocks: tuple[int, int] | None = None
+    backend: str = "triton"
 
 
 def dense_attention(q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array, seg_BL: jax.Array | None,
@@ -109,7 +110,8 @@ def _kernel_and_grads(p: Program):  # noqa: ANN202 (returns a jitted function)
     def run(q, k, v, seg, window, do):  # noqa: ANN001, ANN202
         o, vjp = jax.vjp(lambda q, k, v: flash_attention(
             q, k, v, seg, window, p.softcap, p.scale, causal=p.causal, window_right=p.window_right,
-            block_q=p.block_q, block_k=p.block_k, backward_blocks=p.backward_blocks, interpret=True), q, k, v)
+            block_q=p.block_q, block_k=p.block_k, backward_blocks=p.backward_blocks, interpret=True,
+            backend=p.backend), q, k, v)
         return (o, *vjp(do))
     return jax.jit(run)
 

@@ -60,6 +60,7 @@ class FlashConfig:
     num_warps: int | None = None  # Triton launch parameters (GPU only; None = Pallas' default)
     num_stages: int | None = None
     backward_blocks: tuple[int, int] | None = None  # (block_q, block_k) of the backward; None = the forward's
+    backend: str = "triton"  # "triton" (GPU, and CPU interpret) or "mosaic" (TPU, flash_tpu.py)
 
     @property
     def right(self) -> int | None:
@@ -108,16 +109,22 @@ def _scores(q_QD: jax.Array, k_KD: jax.Array, cfg: FlashConfig) -> tuple[jax.Arr
     return s_QK, None
 
 
+def _allowed(diff: jax.Array, same_segment: jax.Array | None, window: jax.Array, cfg: FlashConfig) -> jax.Array:
+    """Which (query l, key m) pairs may attend, from diff = l - m and whether their segments are equal (None =
+    no segments): the rule of reference.attention_mask, plus the optional right window. Any shape."""
+    allowed = (window <= 0) | (diff < window)
+    if cfg.right is not None:
+        allowed &= -diff <= cfg.right
+    if same_segment is not None:
+        allowed &= same_segment
+    return allowed
+
+
 def _mask(q_pos_Q: jax.Array, k_pos_K: jax.Array, q_seg_Q: jax.Array | None, k_seg_K: jax.Array | None,
           window: jax.Array, cfg: FlashConfig) -> jax.Array:
-    """allowed_QK: the same rule as reference.attention_mask, plus the optional right window."""
-    diff_QK = q_pos_Q[:, None] - k_pos_K[None, :]  # l - m
-    allowed_QK = (window <= 0) | (diff_QK < window)
-    if cfg.right is not None:
-        allowed_QK &= -diff_QK <= cfg.right
-    if q_seg_Q is not None and k_seg_K is not None:
-        allowed_QK &= q_seg_Q[:, None] == k_seg_K[None, :]
-    return allowed_QK
+    """allowed_QK from the positions and segment ids of a query block and a key block."""
+    same_QK = None if q_seg_Q is None or k_seg_K is None else q_seg_Q[:, None] == k_seg_K[None, :]
+    return _allowed(q_pos_Q[:, None] - k_pos_K[None, :], same_QK, window, cfg)
 
 
 def _cdiv(a: jax.Array, b: int) -> jax.Array:
@@ -254,13 +261,13 @@ def _forward(cfg: FlashConfig, q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax
 # --------------------------------------------------------------------------------------------------- backward
 
 
-def _probs_and_dscores(q_QD: jax.Array, k_KD: jax.Array, v_KD: jax.Array, do_QD: jax.Array, lse_Q: jax.Array,
-                       delta_Q: jax.Array, allowed_QK: jax.Array, cfg: FlashConfig) -> tuple[jax.Array, jax.Array]:
-    """p_QK = softmax probabilities, ds_QK = dLoss / d(q.k) (scale and softcap derivative folded in)."""
-    s_QK, tanh_QK = _scores(q_QD, k_KD, cfg)
-    p_QK = jnp.where(allowed_QK, jnp.exp(s_QK - lse_Q[:, None]), 0.0)
-    dp_QK = _dot_nt(do_QD, v_KD, cfg)
-    ds_QK = p_QK * (dp_QK - delta_Q[:, None])
+def _probs_and_dscores(s_QK: jax.Array, tanh_QK: jax.Array | None, dp_QK: jax.Array, lse_Q1: jax.Array,
+                       delta_Q1: jax.Array, allowed_QK: jax.Array, cfg: FlashConfig) -> tuple[jax.Array, jax.Array]:
+    """p_QK = softmax probabilities, ds_QK = dLoss / d(q.k) (scale and softcap derivative folded in), from the
+    logits and tanh of `_scores`, dp = dO.V^T, and lse and delta = rowsum(O * dO) broadcastable against s_QK.
+    Elementwise: a kernel that works on transposed (key, query) tiles passes transposed operands."""
+    p_QK = jnp.where(allowed_QK, jnp.exp(s_QK - lse_Q1), 0.0)
+    ds_QK = p_QK * (dp_QK - delta_Q1)
     if tanh_QK is not None:
         ds_QK = ds_QK * (1.0 - tanh_QK * tanh_QK)
     return p_QK, ds_QK * cfg.scale
@@ -284,7 +291,8 @@ def _dq_kernel(window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *ref
             k_KD = k_ref[keys, :]
             k_pos_K = j * bk + jnp.arange(bk, dtype=jnp.int32)
             allowed_QK = _mask(q_pos_Q, k_pos_K, q_seg_Q, k_seg_K, window, cfg)
-            _, ds_QK = _probs_and_dscores(q_QD, k_KD, v_ref[keys, :], do_QD, lse_Q, delta_Q, allowed_QK, cfg)
+            _, ds_QK = _probs_and_dscores(*_scores(q_QD, k_KD, cfg), _dot_nt(do_QD, v_ref[keys, :], cfg),
+                                          lse_Q[:, None], delta_Q[:, None], allowed_QK, cfg)
             return dq_QD + _dot_nn(ds_QK.astype(k_KD.dtype), k_KD, cfg)
 
         return _maybe_skip(_segment_overlap(k_seg_K, q_seg_min, q_seg_max), compute, dq_QD)
@@ -313,8 +321,8 @@ def _dkdv_kernel(window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *r
             q_QD, do_QD = q_ref[queries, :], do_ref[queries, :]
             q_pos_Q = i * bq + jnp.arange(bq, dtype=jnp.int32)
             allowed_QK = _mask(q_pos_Q, k_pos_K, q_seg_Q, k_seg_K, window, cfg)
-            p_QK, ds_QK = _probs_and_dscores(q_QD, k_KD, v_KD, do_QD, lse_ref[queries], delta_ref[queries],
-                                             allowed_QK, cfg)
+            p_QK, ds_QK = _probs_and_dscores(*_scores(q_QD, k_KD, cfg), _dot_nt(do_QD, v_KD, cfg),
+                                             lse_ref[queries][:, None], delta_ref[queries][:, None], allowed_QK, cfg)
             dv_KD = dv_KD + _dot_tn(p_QK.astype(do_QD.dtype), do_QD, cfg)
             dk_KD = dk_KD + _dot_tn(ds_QK.astype(q_QD.dtype), q_QD, cfg)
             return dk_KD, dv_KD
@@ -389,10 +397,14 @@ _flash.defvjp(_flash_fwd, _backward)
 # ------------------------------------------------------------------------------------------------ entry point
 
 
-def _block(requested: int, length: int) -> int:
-    if requested < MIN_BLOCK or requested & (requested - 1):
-        raise ValueError(f"block sizes must be powers of two >= {MIN_BLOCK}, got {requested}")
-    return min(requested, max(MIN_BLOCK, pl.next_power_of_2(length)))
+BACKENDS = ("triton", "mosaic")
+DEFAULT_BLOCKS = {"triton": 64, "mosaic": 512}  # block_q = block_k unless given
+
+
+def _block(requested: int, length: int, smallest: int) -> int:
+    if requested < smallest or requested & (requested - 1):
+        raise ValueError(f"block sizes must be powers of two >= {smallest}, got {requested}")
+    return min(requested, max(smallest, pl.next_power_of_2(length)))
 
 
 def flash_attention(
@@ -406,12 +418,13 @@ def flash_attention(
     *,
     causal: bool = True,
     window_right: int | None = None,
-    block_q: int = 64,
-    block_k: int = 64,
+    block_q: int | None = None,
+    block_k: int | None = None,
     backward_blocks: tuple[int, int] | None = None,
     interpret: bool | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    backend: str | None = None,
 ) -> jax.Array:
     """Masked softmax attention, the semantics of `reference.attention` (which is always causal). Returns o_BLHD.
 
@@ -419,9 +432,13 @@ def flash_attention(
     document) keeps attention inside a document; `window` (int or traced int scalar, 0 = unbounded) keeps query
     l to keys m with l - m < window; `window_right` (None = unbounded, only meaningful with causal=False) keeps
     m - l <= window_right; logits are q.k times `scale` (None = D ** -0.5), then, if `softcap` > 0, capped to
-    softcap * tanh(logit / softcap). Differentiable in q, k and v. `interpret` None = Pallas interpret mode
-    exactly when the default backend is the CPU. `block_q`/`block_k` (powers of two >= 16, shrunk to the sequence)
-    and `num_warps`/`num_stages` (Triton only) tune the GPU launch; they do not change the result beyond rounding.
+    softcap * tanh(logit / softcap). Differentiable in q, k and v.
+
+    `backend`: "triton" (GPUs) or "mosaic" (TPUs, `flash_tpu.py`); None = "mosaic" on a TPU, else "triton".
+    `interpret` None = Pallas interpret mode (Mosaic's TPU interpreter for "mosaic") exactly when the default
+    backend is the CPU. `block_q`/`block_k` (powers of two, >= 16 for Triton and >= 128 for Mosaic; default 64
+    and 512; shrunk to the sequence), `backward_blocks` and `num_warps`/`num_stages` (Triton only) tune the
+    launch; they do not change the result beyond rounding.
     """
     B, L, H, D = q_BLHD.shape
     K = k_BLKD.shape[2]
@@ -433,20 +450,27 @@ def flash_attention(
         raise ValueError(f"segment ids must be (B, L) = {(B, L)}, got {segment_ids_BL.shape}")
     if window_right is not None and window_right < 0:
         raise ValueError(f"window_right must be >= 0, got {window_right}")
+    if backend is None:
+        backend = "mosaic" if jax.default_backend() == "tpu" else "triton"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    bq, bk = _block(block_q, L), _block(block_k, L)
-    bwd = None if backward_blocks is None else (_block(backward_blocks[0], L), _block(backward_blocks[1], L))
+    smallest = MIN_BLOCK if backend == "triton" else 128  # Mosaic: the lane width (flash_tpu.MIN_BLOCK)
+    bq = _block(block_q or DEFAULT_BLOCKS[backend], L, smallest)
+    bk = _block(block_k or DEFAULT_BLOCKS[backend], L, smallest)
+    bwd = None if backward_blocks is None else tuple(_block(b, L, smallest) for b in backward_blocks)
     multiple = max(bq, bk, *(bwd or ()))  # all powers of two: the largest is a multiple of the others
     L_pad = -(-L // multiple) * multiple
-    D_pad = max(MIN_BLOCK, pl.next_power_of_2(D))  # Triton's dots want power-of-two dims >= 16
+    # Triton's dots want power-of-two dims >= 16; Mosaic takes the head dim whole.
+    D_pad = max(MIN_BLOCK, pl.next_power_of_2(D)) if backend == "triton" else D
     dtype = jnp.result_type(q_BLHD, k_BLKD, v_BLKD)
     cfg = FlashConfig(
         causal=causal, window_right=window_right, softcap=float(softcap),
         scale=D**-0.5 if scale is None else float(scale), block_q=bq, block_k=bk,
         group=H // K, has_segments=segment_ids_BL is not None or L_pad != L, interpret=bool(interpret),
         precision=lax.Precision.HIGHEST if dtype == jnp.float32 else None, num_warps=num_warps,
-        num_stages=num_stages, backward_blocks=bwd,
+        num_stages=num_stages, backward_blocks=bwd, backend=backend,
     )
 
     def pad(x: jax.Array) -> jax.Array:
@@ -459,6 +483,14 @@ def flash_attention(
         pad_id = jnp.min(seg_BL) - 1
         seg_BL = jnp.concatenate([seg_BL, jnp.broadcast_to(pad_id, (B, L_pad - L))], axis=1)
     window_1 = jnp.reshape(jnp.asarray(window, jnp.int32), (1,))
+    if backend == "mosaic":
+        from keel.kernels import flash_tpu
+
+        def bhld(x: jax.Array) -> jax.Array:
+            return pad(x).transpose(0, 2, 1, 3)
+
+        o_BHLD = flash_tpu.flash_bhld(cfg, bhld(q_BLHD), bhld(k_BLKD), bhld(v_BLKD), seg_BL, window_1)
+        return o_BHLD.transpose(0, 2, 1, 3)[:, :L]
     o_BLHD = _flash(cfg, pad(q_BLHD), pad(k_BLKD), pad(v_BLKD), seg_BL, window_1)
     return o_BLHD[:, :L, :, :D]
 
@@ -496,4 +528,4 @@ def flops(B: int, L: int, H: int, D: int, *, causal: bool = True) -> float:
     return 4 * B * H * L * L * D * (0.5 if causal else 1.0)
 
 
-__all__ = ["MASKED", "FlashConfig", "flash_attention", "flops", "shard_mapped"]
+__all__ = ["BACKENDS", "MASKED", "FlashConfig", "flash_attention", "flops", "shard_mapped"]

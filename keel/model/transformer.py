@@ -280,8 +280,8 @@ def cudnn_attention(q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array, seg
 
 
 def resolve_attention(name: str) -> str:
-    """`auto`: keel's Pallas kernels on GPUs, the XLA reference elsewhere (TPU lowering of the kernels and the
-    GPU timing against cuDNN are still to be measured: docs/kernels.md)."""
+    """`auto`: keel's Pallas kernels on GPUs, the XLA reference elsewhere (the kernels' timings against cuDNN on
+    GPUs and against XLA on TPUs are still to be measured: docs/kernels.md)."""
     if name != "auto":
         return name
     return "pallas" if jax.default_backend() == "gpu" else "xla"
@@ -295,10 +295,6 @@ def attention_fn(cfg: ModelConfig, sharder: Sharder | None, q_shape: tuple[int, 
     impl = resolve_attention(cfg.attention)
     if impl == "xla":
         return attention
-    if impl == "pallas" and jax.default_backend() == "tpu":
-        raise ConfigError("model.attention=pallas: keel's flash kernels lower through Triton (GPU) and run in "
-                          "interpret mode (CPU); their Mosaic TPU version is not written yet (docs/kernels.md): "
-                          "use xla or auto on TPUs")
     if impl == "cudnn" and jax.default_backend() != "gpu":
         raise ConfigError(f"model.attention=cudnn needs an NVIDIA GPU; this process's devices are "
                           f"{jax.default_backend()} (use xla, pallas or auto)")

@@ -1,0 +1,136 @@
+"""The Mosaic TPU version of the flash kernels (keel/kernels/flash_tpu.py), without a TPU: numerics in Pallas'
+TPU interpret mode against the float32 reference (the harness of test_flash.py), the blocks it computes, and
+the lowering of all three kernels to Mosaic for the TPU platform."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from keel.kernels import flash_tpu
+from keel.kernels.flash import FlashConfig, _key_block_range, flash_attention
+from tests.test_flash import Program, _segment_ids, check_program
+
+M = "mosaic"
+
+
+@pytest.fixture(autouse=True)
+def tpu_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pallas' TPU interpreter: simulated VMEM whose fresh buffers hold NaN, so a kernel that reads scratch
+    before writing it fails the finiteness check."""
+    monkeypatch.setattr(flash_tpu, "INTERPRETER", "tpu")
+PROGRAMS = [
+    # GQA, packed documents, windows, backward blocks unlike the forward's, L not a multiple of the block
+    Program(B=2, L=300, H=4, K=2, D=64, block_q=128, block_k=256, backward_blocks=(256, 128), backend=M),
+    # MQA, head dim 80 (taken whole), softcap, custom scale, bf16
+    Program(B=1, L=256, H=3, K=1, D=80, dtype="bfloat16", softcap=4.0, scale=0.3, block_q=128, block_k=128,
+            backend=M),
+    # bidirectional local window, no documents
+    Program(B=1, L=384, H=2, K=2, D=128, causal=False, window_right=70, segments=False, block_q=128,
+            block_k=128, backend=M),
+]
+
+
+@pytest.mark.parametrize("p", PROGRAMS, ids=lambda p: f"L{p.L}H{p.H}K{p.K}D{p.D}-{p.dtype}")
+def test_tpu_kernels_match_reference_forward_and_gradients(p: Program):
+    check_program(p, range(2))
+
+
+def _random_program(rng: np.random.Generator) -> Program:
+    K = int(rng.choice([1, 2]))
+    causal = bool(rng.random() < 0.75)
+    blocks = [128, 256]
+    return Program(
+        B=int(rng.integers(1, 3)), L=int(rng.choice([128, 200, 384, 512])), H=K * int(rng.choice([1, 2, 4])), K=K,
+        D=int(rng.choice([64, 128, 192, 256])), dtype=str(rng.choice(["float32", "bfloat16"])),
+        softcap=float(rng.choice([0.0, 2.5, 30.0])), causal=causal,
+        window_right=None if causal and rng.random() < 0.8 else int(rng.integers(0, 200)),
+        segments=bool(rng.random() < 0.8), block_q=int(rng.choice(blocks)), block_k=int(rng.choice(blocks)),
+        backward_blocks=None if rng.random() < 0.5 else (int(rng.choice(blocks)), int(rng.choice(blocks))),
+        backend=M,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("program_seed", range(8))
+def test_random_tpu_programs_match_reference(program_seed: int):
+    check_program(_random_program(np.random.default_rng(2000 + program_seed)), range(3))
+
+
+def _count_computed_tiles(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every score tile a kernel computes calls flash_tpu._scores once: count them (interpret mode runs the
+    callback only where `pl.when` lets the tile run)."""
+    calls: list[int] = []
+    scores = flash_tpu._scores
+
+    def counting(a, b, cfg):  # noqa: ANN001, ANN202
+        jax.debug.callback(lambda: calls.append(1))
+        return scores(a, b, cfg)
+
+    monkeypatch.setattr(flash_tpu, "_scores", counting)
+    return calls
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tpu_kernels_compute_exactly_the_block_pairs_their_mask_can_reach(seed: int, monkeypatch):
+    """Block skipping: the forward, dq and dk/dv kernels each compute the (query block, key block) pairs inside
+    the causal/window range whose segment-id ranges meet, per head, and no other."""
+    rng = np.random.default_rng(seed)
+    B, L, H, K, D, bq, bk = 2, 512, 4, 2, 64, 128, 128
+    window = int(rng.choice([0, int(rng.integers(1, L))]))
+    seg = _segment_ids(rng, B, L)
+    seg.sort(axis=1)  # packed, as keel.data makes them
+    cfg = FlashConfig(causal=True, window_right=None, softcap=0.0, scale=1.0, block_q=bq, block_k=bk, group=H // K,
+                      has_segments=True, interpret=True, precision=None)
+    nq, nk = L // bq, L // bk
+    blocks = seg.reshape(B, nq, bq)
+    lo_q, hi_q = blocks.min(axis=2), blocks.max(axis=2)
+    expected = 0
+    for i in range(nq):
+        lo, hi = (int(x) for x in _key_block_range(jnp.int32(i), jnp.int32(window), nk, cfg))
+        for j in range(lo, hi):
+            expected += int(((lo_q[:, i] <= hi_q[:, j]) & (lo_q[:, j] <= hi_q[:, i])).sum()) * H
+    calls = _count_computed_tiles(monkeypatch)
+    x = jnp.asarray(rng.standard_normal((B, L, H, D)), jnp.float32)
+    kv = x[:, :, :K]
+    o, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, jnp.asarray(seg), window, backend=M, block_q=bq,
+                                                     block_k=bk), x, kv, kv)
+    jax.block_until_ready(o)
+    assert len(calls) == expected < B * H * nq * nk
+    jax.block_until_ready(vjp(o))
+    assert len(calls) == 3 * expected  # dq and dk/dv compute the same pairs
+
+
+@pytest.mark.parametrize("case", [
+    (1, 1000, 4, 1, 128, "bfloat16", 0.0, True, None, True),  # padded L, MQA, documents
+    (2, 512, 8, 8, 256, "bfloat16", 20.0, False, 7, False),  # D 256, softcap, bidirectional window
+    (1, 384, 4, 2, 64, "float32", 0.0, True, None, True),  # float32 at HIGHEST precision, D 64, GQA
+])
+def test_tpu_kernels_lower_to_mosaic(case: tuple):
+    """Without a TPU: the forward and both backward kernels go through Pallas' Mosaic lowering for the TPU
+    platform (scalar prefetch, clamped index maps, lane/sublane-replicated rows, `pl.when` skips), one Mosaic
+    call each. Mosaic's own compilation to TPU code (layouts, VMEM limits) still needs a TPU."""
+    B, L, H, K, D, dtype, softcap, causal, window_right, segments = case
+    q = jax.ShapeDtypeStruct((B, L, H, D), jnp.dtype(dtype))
+    kv = jax.ShapeDtypeStruct((B, L, K, D), jnp.dtype(dtype))
+    seg = jax.ShapeDtypeStruct((B, L), jnp.int32) if segments else None
+
+    def fwd_bwd(q, k, v, seg, window, do):  # noqa: ANN001, ANN202
+        o, vjp = jax.vjp(lambda q, k, v: flash_attention(
+            q, k, v, seg, window, softcap, causal=causal, window_right=window_right, backend=M, interpret=False),
+            q, k, v)
+        return o, vjp(do)
+
+    lowered = jax.jit(fwd_bwd).trace(q, kv, kv, seg, jax.ShapeDtypeStruct((), jnp.int32), q)
+    hlo = lowered.lower(lowering_platforms=("tpu",)).as_text()
+    assert hlo.count("tpu_custom_call") == 3
+
+
+def test_mosaic_blocks_are_multiples_of_the_lane_width():
+    q = jnp.zeros((1, 256, 2, 64))
+    with pytest.raises(ValueError, match="powers of two >= 128"):
+        flash_attention(q, q, q, backend=M, block_q=64)
+    with pytest.raises(ValueError, match="backend"):
+        flash_attention(q, q, q, backend="cuda")
