@@ -1,4 +1,4 @@
-"""The one GPU check for keel's Pallas flash attention: correctness first, then timing, in one short lease.
+"""The one GPU (or TPU) check for keel's Pallas flash attention: correctness first, then timing, in one short lease.
 
 1. Correctness (compiled for the GPU, not interpreted): random shapes and feature combinations (documents,
    windows, softcap, GQA/MQA, bf16 and f32, head dims 64-256) against the float32 pure-JAX reference, forward
@@ -10,12 +10,16 @@
    a mask is marked n/a; one that would need more memory than --max-score-gib for its dense scores is skipped.
    TFLOP/s counts the matmul FLOPs of the visible (query, key) pairs only (4 D per pair forward, 2.5x that
    backward), so every implementation is credited with the same useful work, and skipping work pays.
+   On a TPU (or with --kernel-backend mosaic) keel's kernels are the Mosaic version (flash_tpu.py) and the
+   baselines are JAX's splash attention (segment ids, causal/local masks; K/V repeated to all heads; q scaled
+   beforehand, as it takes no scale) and XLA; the x columns compare against splash instead of cuDNN.
 
 Writes $OUT/attention.json (everything) and $OUT/attention.md (the tables), and prints the tables last.
 A global time budget (--budget-s) skips the remaining timing rows rather than overrun a lease.
 
     PYTHONPATH=. python3 benchmarks/attention.py --quick        # on the GPU machine, < 5 min
     PYTHONPATH=. python3 benchmarks/attention.py --cpu-smoke    # here: tiny shapes, interpret mode, flow only
+    PYTHONPATH=. python3 benchmarks/attention.py --cpu-smoke --kernel-backend mosaic   # the TPU flow, here
 """
 
 from __future__ import annotations
@@ -95,7 +99,7 @@ CORRECTNESS_CASES = [  # B, L, H, K, D, dtype, softcap, causal, window_right, se
 CASE_FIELDS = ("B", "L", "H", "K", "D", "dtype", "softcap", "causal", "window_right", "segments", "window")
 
 
-def check_case(case: tuple, seed: int, interpret: bool) -> dict:
+def check_case(case: tuple, seed: int, interpret: bool, backend: str) -> dict:
     """One correctness case: kernel (in its dtype) vs the float32 oracle on the same rounded inputs."""
     B, L, H, K, D, dtype, softcap, causal, window_right, segments, window = case
     rng = np.random.default_rng(seed)
@@ -107,7 +111,8 @@ def check_case(case: tuple, seed: int, interpret: bool) -> dict:
 
     def kernel(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array) -> tuple[jax.Array, ...]:
         o, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, seg, window, softcap, causal=causal,
-                                                          window_right=window_right, interpret=interpret), q, k, v)
+                                                          window_right=window_right, interpret=interpret,
+                                                          backend=backend), q, k, v)
         return (o, *vjp(do))
 
     def oracle(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array) -> tuple[jax.Array, ...]:
@@ -137,7 +142,7 @@ def check_correctness(args: argparse.Namespace, interpret: bool) -> list[dict]:
                                                          (1, 32, 2, 1, 64, "float32", 0.0, False, 3, False, 0)]
     rows = []
     for seed, case in enumerate(cases):
-        row = check_case(case, seed, interpret)
+        row = check_case(case, seed, interpret, args.kernel_backend)
         log(f"correctness {case}: {'ok' if row['ok'] else 'FAIL'} "
             + " ".join(f"{n}={row[n]['max_rel']:.1e}" for n in ("o", "dq", "dk", "dv") if n in row))
         rows.append(row)
@@ -162,9 +167,10 @@ def implementations(args: argparse.Namespace, interpret: bool) -> dict[str, Call
     """name -> f(q, k, v, seg, window) or None where it cannot express the mask."""
 
     def keel_pallas(q, k, v, seg, window):  # noqa: ANN001, ANN202
+        bwd = None if args.bwd_block_q is None else (args.bwd_block_q, args.bwd_block_k)
         return flash_attention(q, k, v, seg, window, block_q=args.block_q, block_k=args.block_k,
-                               backward_blocks=(args.bwd_block_q, args.bwd_block_k), interpret=interpret,
-                               num_warps=args.num_warps, num_stages=args.num_stages)
+                               backward_blocks=bwd, interpret=interpret, num_warps=args.num_warps,
+                               num_stages=args.num_stages, backend=args.kernel_backend)
 
     def keel_reference(q, k, v, seg, window):  # noqa: ANN001, ANN202
         return attention(q, k, v, jnp.zeros(q.shape[:2], jnp.int32) if seg is None else seg, window)
@@ -187,10 +193,33 @@ def implementations(args: argparse.Namespace, interpret: bool) -> dict[str, Call
         k, v = (jnp.repeat(x, G, axis=2) for x in (k, v))
         return jax_attention.mha(q, k, v, seg, sm_scale=q.shape[-1] ** -0.5, causal=True, interpret=interpret)
 
-    impls = {"keel_pallas": keel_pallas, "cudnn": dpa("cudnn"), "xla": dpa("xla"),
-             "jax_pallas_triton": jax_pallas_triton, "keel_reference": keel_reference}
-    if args.cpu_smoke:
-        impls.pop("cudnn")
+    def jax_splash(q, k, v, seg, window):  # noqa: ANN001, ANN202
+        from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+        B, L, H, D = q.shape
+        k, v = (jnp.repeat(x, H // x.shape[2], axis=2) for x in (k, v))
+        mask = sa.CausalMask((L, L)) if window <= 0 else sa.LocalMask((L, L), (window - 1, 0), 0)
+        b = min(512, L)
+        sizes = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                              block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+        kernel = sa.make_splash_mha(sa.MultiHeadMask([mask] * H), block_sizes=sizes, head_shards=1,
+                                    q_seq_shards=1, interpret=interpret)
+
+        def one(q_LHD, k_LHD, v_LHD, seg_L):  # noqa: ANN001, ANN202
+            ids = None if seg_L is None else sa.SegmentIds(q=seg_L, kv=seg_L)
+            o_HLD = kernel(*(x.transpose(1, 0, 2) for x in (q_LHD * D**-0.5, k_LHD, v_LHD)), segment_ids=ids)
+            return o_HLD.transpose(1, 0, 2)
+
+        return jax.vmap(one, in_axes=(0, 0, 0, None if seg is None else 0))(q, k, v, seg)
+
+    if args.kernel_backend == "mosaic":
+        impls = {"keel_pallas": keel_pallas, "jax_splash": jax_splash, "xla": dpa("xla"),
+                 "keel_reference": keel_reference}
+    else:
+        impls = {"keel_pallas": keel_pallas, "cudnn": dpa("cudnn"), "xla": dpa("xla"),
+                 "jax_pallas_triton": jax_pallas_triton, "keel_reference": keel_reference}
+        if args.cpu_smoke:
+            impls.pop("cudnn")
     return {n: f for n, f in impls.items() if n in args.impls}
 
 
@@ -232,8 +261,10 @@ def time_one(fn: Callable[..., jax.Array | None], inputs: list[dict], seg: jax.A
     return out
 
 
-FWD_TUNING = ((64, 64, 4), (128, 64, 8), (128, 128, 8))  # (block_q, block_k, num_warps)
-BWD_TUNING = ((64, 64), (32, 64), (64, 32), (128, 64))  # backward (block_q, block_k), with the chosen warps
+TUNING = {  # forward (block_q, block_k, num_warps), then backward (block_q, block_k) with the chosen warps
+    "triton": (((64, 64, 4), (128, 64, 8), (128, 128, 8)), ((64, 64), (32, 64), (64, 32), (128, 64))),
+    "mosaic": (((512, 512, None), (256, 512, None), (1024, 512, None)), ((512, 512), (256, 512), (512, 256))),
+}
 
 
 def tune_blocks(args: argparse.Namespace, interpret: bool) -> list[dict]:
@@ -250,7 +281,8 @@ def tune_blocks(args: argparse.Namespace, interpret: bool) -> list[dict]:
     def attempt(fwd: tuple[int, int, int], bwd: tuple[int, int], only_fwd: bool) -> float:
         def fn(q, k, v, seg, window):  # noqa: ANN001, ANN202
             return flash_attention(q, k, v, seg, window, block_q=fwd[0], block_k=fwd[1], num_warps=fwd[2],
-                                   backward_blocks=bwd, interpret=interpret, num_stages=args.num_stages)
+                                   backward_blocks=bwd, interpret=interpret, num_stages=args.num_stages,
+                                   backend=args.kernel_backend)
         try:
             r = time_one(fn, inputs, None, 0, args.reps, only_fwd=only_fwd)
             t = r["fwd_s"] if only_fwd else r["fwd_bwd_s"]
@@ -260,15 +292,18 @@ def tune_blocks(args: argparse.Namespace, interpret: bool) -> list[dict]:
         log(f"tune L={L} fwd {fwd} bwd {bwd}: " + (f"{t * 1e3:.2f} ms" if t < float("inf") else r["status"]))
         return t
 
-    best_fwd = min(FWD_TUNING, key=lambda f: attempt(f, f[:2], only_fwd=True))
-    best_bwd = min(BWD_TUNING, key=lambda b: attempt(best_fwd, b, only_fwd=False))
+    fwd_tries, bwd_tries = TUNING[args.kernel_backend]
+    if args.cpu_smoke:
+        fwd_tries, bwd_tries = fwd_tries[:1], bwd_tries[:1]
+    best_fwd = min(fwd_tries, key=lambda f: attempt(f, f[:2], only_fwd=True))
+    best_bwd = min(bwd_tries, key=lambda b: attempt(best_fwd, b, only_fwd=False))
     args.block_q, args.block_k, args.num_warps = best_fwd
     args.bwd_block_q, args.bwd_block_k = best_bwd
     log(f"tuned: forward blocks {best_fwd[:2]}, {best_fwd[2]} warps; backward blocks {best_bwd}")
     return tries
 
 
-PRIORITY = (("keel_pallas", "cudnn"), ("jax_pallas_triton", "xla", "keel_reference"))  # timed in this order
+PRIORITY = (("keel_pallas", "cudnn", "jax_splash"), ("jax_pallas_triton", "xla", "keel_reference"))  # in order
 
 
 def run_timing(args: argparse.Namespace, interpret: bool) -> list[dict]:
@@ -334,8 +369,9 @@ def tables(correct: list[dict], timing: list[dict], meta: dict) -> str:
                 f"{'causal' if c['causal'] else 'bidir'} w {c['window']}/{c['window_right']} seg {c['segments']}")
         errs = [f"{r[n]['max_rel']:.1e}" if n in r else "-" for n in ("o", "dq", "dk", "dv")]
         lines.append(f"| {name} | {' | '.join(errs)} | {'yes' if r['ok'] else 'NO ' + r.get('error', '')[:80]} |")
-    lines += ["", "## Timing, causal bf16, D 128 (ms; TFLOP/s on visible pairs; x = time of cudnn / time)", "",
-              "| L | mask | impl | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | fwd x cudnn | fwd+bwd x cudnn |",
+    peer = "jax_splash" if any(r["impl"] == "jax_splash" for r in timing) else "cudnn"
+    lines += ["", f"## Timing, causal bf16, D 128 (ms; TFLOP/s on visible pairs; x = time of {peer} / time)", "",
+              f"| L | mask | impl | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | fwd x {peer} | fwd+bwd x {peer} |",
               "|---|---|---|---|---|---|---|---|---|"]
     by_key = {(r["L"], r["scenario"], r["impl"]): r for r in timing}
     order = {"causal": 0, "documents": 1, "window": 2}
@@ -343,13 +379,14 @@ def tables(correct: list[dict], timing: list[dict], meta: dict) -> str:
         if r.get("status") != "ok":
             lines.append(f"| {r['L']} | {r['scenario']} | {r['impl']} | {r['status']} | | | | | |")
             continue
-        base = by_key.get((r["L"], r["scenario"], "cudnn")) or by_key.get((r["L"], "causal", "cudnn"))
+        base = by_key.get((r["L"], r["scenario"], peer)) or by_key.get((r["L"], "causal", peer))
         ratio = ["-", "-"]
         if base and base.get("status") == "ok":
             ratio = [f"{base['fwd_s'] / r['fwd_s']:.2f}", f"{base['fwd_bwd_s'] / r['fwd_bwd_s']:.2f}"]
         lines.append(f"| {r['L']} | {r['scenario']} | {r['impl']} | {r['fwd_s'] * 1e3:.2f} | {r['fwd_tflops']:.1f} | "
                      f"{r['fwd_bwd_s'] * 1e3:.2f} | {r['fwd_bwd_tflops']:.1f} | {ratio[0]} | {ratio[1]} |")
-    lines += ["", "For documents, the cudnn column compares against cudnn on plain causal (it cannot mask documents)."]
+    if peer == "cudnn":
+        lines += ["", "For documents, the x columns compare against cudnn on plain causal (it cannot mask documents)."]
     return "\n".join(lines)
 
 
@@ -363,10 +400,12 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--docs", type=int, default=8, help="documents per sequence in the 'documents' rows")
     ap.add_argument("--window", type=int, default=1024, help="sliding window of the 'window' rows")
-    ap.add_argument("--block-q", type=int, default=64)
-    ap.add_argument("--block-k", type=int, default=64)
-    ap.add_argument("--bwd-block-q", type=int, default=64)
-    ap.add_argument("--bwd-block-k", type=int, default=64)
+    ap.add_argument("--kernel-backend", choices=["triton", "mosaic"], default=None,
+                    help="keel's kernels: Triton (GPU) or Mosaic (TPU); default by platform")
+    ap.add_argument("--block-q", type=int, default=None, help="default: the kernel's (64 Triton, 512 Mosaic)")
+    ap.add_argument("--block-k", type=int, default=None)
+    ap.add_argument("--bwd-block-q", type=int, default=None)
+    ap.add_argument("--bwd-block-k", type=int, default=None)
     ap.add_argument("--num-warps", type=int, default=None)
     ap.add_argument("--num-stages", type=int, default=None)
     ap.add_argument("--reps", type=int, default=5)
@@ -374,7 +413,7 @@ def main() -> None:
     ap.add_argument("--max-score-gib", type=float, default=24.0)
     ap.add_argument("--budget-s", type=float, default=270.0, help="stop starting timing rows after this")
     ap.add_argument("--impls", nargs="+",
-                    default=["keel_pallas", "cudnn", "jax_pallas_triton", "xla", "keel_reference"])
+                    default=["keel_pallas", "cudnn", "jax_splash", "jax_pallas_triton", "xla", "keel_reference"])
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--tune", action="store_true", help="pick keel's block sizes first (on by --quick)")
     ap.add_argument("--tune-seq", type=int, default=8192)
@@ -382,10 +421,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.reps, args.tune = 3, True
+    if args.kernel_backend is None:
+        args.kernel_backend = "mosaic" if jax.default_backend() == "tpu" else "triton"
     if args.cpu_smoke:
-        args.seqs, args.tokens, args.heads, args.kv_heads, args.docs, args.window = [64], 64, 2, 1, 3, 16
-        args.block_q = args.block_k = args.bwd_block_q = args.bwd_block_k = 16
-        args.reps, args.input_sets, args.tune_seq = 1, 1, 32
+        block = 16 if args.kernel_backend == "triton" else 128
+        args.seqs, args.tokens, args.heads, args.kv_heads, args.docs = [4 * block], 4 * block, 2, 1, 3
+        args.window, args.tune_seq = block, 2 * block
+        args.block_q = args.block_k = args.bwd_block_q = args.bwd_block_k = block
+        args.reps, args.input_sets = 1, 1
     interpret = jax.default_backend() == "cpu"
     meta = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "jax": jax.__version__,
             "jaxlib": __import__("jaxlib").__version__, "python": platform.python_version(),
