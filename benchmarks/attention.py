@@ -91,6 +91,7 @@ CORRECTNESS_CASES = [  # B, L, H, K, D, dtype, softcap, causal, window_right, se
     (1, 1000, 4, 1, 64, "bfloat16", 50.0, True, None, True, 257),  # padded L, MQA, softcap
     (1, 384, 4, 4, 256, "bfloat16", 0.0, True, None, False, 0),
     (1, 256, 4, 2, 96, "float32", 20.0, True, None, True, 64),  # padded head dim, f32
+    (1, 512, 4, 2, 192, "bfloat16", 0.0, True, None, True, 300),  # head dim 192 (Mosaic: not a lane multiple)
     (1, 512, 4, 2, 128, "float32", 0.0, False, 32, True, 48),  # bidirectional local
     (2, 2048, 16, 8, 128, "bfloat16", 0.0, True, None, True, 1024),
 ]

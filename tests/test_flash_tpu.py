@@ -11,7 +11,7 @@ import pytest
 
 from keel.kernels import flash_tpu
 from keel.kernels.flash import FlashConfig, _key_block_range, flash_attention
-from tests.test_flash import Program, _segment_ids, check_program
+from tests.test_flash import Program, check_program
 
 M = "mosaic"
 
@@ -59,48 +59,58 @@ def test_random_tpu_programs_match_reference(program_seed: int):
     check_program(_random_program(np.random.default_rng(2000 + program_seed)), range(3))
 
 
-def _count_computed_tiles(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Every score tile a kernel computes calls flash_tpu._scores once: count them (interpret mode runs the
-    callback only where `pl.when` lets the tile run)."""
+def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Count the calls of flash_tpu.<name> as the kernels run (a debug callback: interpret mode runs it only
+    where `pl.when` lets the tile run)."""
     calls: list[int] = []
-    scores = flash_tpu._scores
+    fn = getattr(flash_tpu, name)
 
-    def counting(a, b, cfg):  # noqa: ANN001, ANN202
+    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         jax.debug.callback(lambda: calls.append(1))
-        return scores(a, b, cfg)
+        return fn(*args, **kwargs)
 
-    monkeypatch.setattr(flash_tpu, "_scores", counting)
+    monkeypatch.setattr(flash_tpu, name, counting)
     return calls
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_tpu_kernels_compute_exactly_the_block_pairs_their_mask_can_reach(seed: int, monkeypatch):
     """Block skipping: the forward, dq and dk/dv kernels each compute the (query block, key block) pairs inside
-    the causal/window range whose segment-id ranges meet, per head, and no other."""
+    the causal/window range whose segment-id ranges meet, per head, and no other; of those, only the tiles
+    that hold a masked pair build the element-wise mask (every score tile calls `_scores` once, every masked
+    one `_allowed` once)."""
     rng = np.random.default_rng(seed)
-    B, L, H, K, D, bq, bk = 2, 512, 4, 2, 64, 128, 128
-    window = int(rng.choice([0, int(rng.integers(1, L))]))
-    seg = _segment_ids(rng, B, L)
-    seg.sort(axis=1)  # packed, as keel.data makes them
+    B, L, H, K, D, bq, bk = 1, 1024, 2, 1, 64, 128, 128
+    window = int(rng.choice([0, int(rng.integers(bq + bk, 700))]))  # >= bq + bk: some tiles need no mask
+    starts = np.zeros((B, L), bool)  # packed, as keel.data makes them: 1-3 documents of a few blocks per row
+    for row in starts:
+        row[rng.choice(np.arange(1, L), int(rng.integers(0, 3)), replace=False)] = True
+    seg = np.cumsum(starts, axis=1).astype(np.int32)
     cfg = FlashConfig(causal=True, window_right=None, softcap=0.0, scale=1.0, block_q=bq, block_k=bk, group=H // K,
                       has_segments=True, interpret=True, precision=None)
     nq, nk = L // bq, L // bk
     blocks = seg.reshape(B, nq, bq)
     lo_q, hi_q = blocks.min(axis=2), blocks.max(axis=2)
-    expected = 0
+    computed = np.zeros((B, nq, nk), bool)
     for i in range(nq):
         lo, hi = (int(x) for x in _key_block_range(jnp.int32(i), jnp.int32(window), nk, cfg))
         for j in range(lo, hi):
-            expected += int(((lo_q[:, i] <= hi_q[:, j]) & (lo_q[:, j] <= hi_q[:, i])).sum()) * H
-    calls = _count_computed_tiles(monkeypatch)
+            computed[:, i, j] = (lo_q[:, i] <= hi_q[:, j]) & (lo_q[:, j] <= hi_q[:, i])
+    diff = np.arange(L)[:, None] - np.arange(L)[None, :]
+    allowed = (diff >= 0) & ((window <= 0) | (diff < window)) & (seg[:, :, None] == seg[:, None, :])
+    tiles = allowed.reshape(B, nq, bq, nk, bk)
+    assert not (tiles.any(axis=(2, 4)) & ~computed).any()  # sound: every tile with a visible pair is computed
+    masked = computed & ~tiles.all(axis=(2, 4))
+    scores, masks = _count_calls(monkeypatch, "_scores"), _count_calls(monkeypatch, "_allowed")
     x = jnp.asarray(rng.standard_normal((B, L, H, D)), jnp.float32)
     kv = x[:, :, :K]
     o, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, jnp.asarray(seg), window, backend=M, block_q=bq,
                                                      block_k=bk), x, kv, kv)
     jax.block_until_ready(o)
-    assert len(calls) == expected < B * H * nq * nk
+    assert len(scores) == H * computed.sum() < B * H * nq * nk
+    assert len(masks) == H * masked.sum() < len(scores)
     jax.block_until_ready(vjp(o))
-    assert len(calls) == 3 * expected  # dq and dk/dv compute the same pairs
+    assert (len(scores), len(masks)) == (3 * H * computed.sum(), 3 * H * masked.sum())  # dq and dk/dv: the same
 
 
 @pytest.mark.parametrize("case", [

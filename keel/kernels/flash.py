@@ -104,7 +104,7 @@ def _scores(q_QD: jax.Array, k_KD: jax.Array, cfg: FlashConfig) -> tuple[jax.Arr
     """Softcapped, scaled logits s_QK (float32) and tanh_QK (for the softcap's derivative; None without it)."""
     s_QK = _dot_nt(q_QD, k_KD, cfg) * cfg.scale
     if cfg.softcap > 0:
-        tanh_QK = jnp.tanh(s_QK / cfg.softcap)
+        tanh_QK = jnp.tanh(s_QK * (1.0 / cfg.softcap))  # a multiply per element, not a divide
         return cfg.softcap * tanh_QK, tanh_QK
     return s_QK, None
 
@@ -112,7 +112,7 @@ def _scores(q_QD: jax.Array, k_KD: jax.Array, cfg: FlashConfig) -> tuple[jax.Arr
 def _allowed(diff: jax.Array, same_segment: jax.Array | None, window: jax.Array, cfg: FlashConfig) -> jax.Array:
     """Which (query l, key m) pairs may attend, from diff = l - m and whether their segments are equal (None =
     no segments): the rule of reference.attention_mask, plus the optional right window. Any shape."""
-    allowed = (window <= 0) | (diff < window)
+    allowed = diff < jnp.where(window > 0, window, jnp.iinfo(jnp.int32).max)  # one compare per element
     if cfg.right is not None:
         allowed &= -diff <= cfg.right
     if same_segment is not None:
@@ -262,11 +262,15 @@ def _forward(cfg: FlashConfig, q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax
 
 
 def _probs_and_dscores(s_QK: jax.Array, tanh_QK: jax.Array | None, dp_QK: jax.Array, lse_Q1: jax.Array,
-                       delta_Q1: jax.Array, allowed_QK: jax.Array, cfg: FlashConfig) -> tuple[jax.Array, jax.Array]:
+                       delta_Q1: jax.Array, allowed_QK: jax.Array | None,
+                       cfg: FlashConfig) -> tuple[jax.Array, jax.Array]:
     """p_QK = softmax probabilities, ds_QK = dLoss / d(q.k) (scale and softcap derivative folded in), from the
-    logits and tanh of `_scores`, dp = dO.V^T, and lse and delta = rowsum(O * dO) broadcastable against s_QK.
-    Elementwise: a kernel that works on transposed (key, query) tiles passes transposed operands."""
-    p_QK = jnp.where(allowed_QK, jnp.exp(s_QK - lse_Q1), 0.0)
+    logits and tanh of `_scores`, dp = dO.V^T, and lse and delta = rowsum(O * dO) broadcastable against s_QK
+    (allowed_QK None: a tile whose every pair is visible). Elementwise: a kernel that works on transposed (key,
+    query) tiles passes transposed operands."""
+    p_QK = jnp.exp(s_QK - lse_Q1)
+    if allowed_QK is not None:
+        p_QK = jnp.where(allowed_QK, p_QK, 0.0)
     ds_QK = p_QK * (dp_QK - delta_Q1)
     if tanh_QK is not None:
         ds_QK = ds_QK * (1.0 - tanh_QK * tanh_QK)
@@ -398,7 +402,7 @@ _flash.defvjp(_flash_fwd, _backward)
 
 
 BACKENDS = ("triton", "mosaic")
-DEFAULT_BLOCKS = {"triton": 64, "mosaic": 512}  # block_q = block_k unless given
+TRITON_BLOCK = 64  # block_q = block_k unless given (Mosaic: flash_tpu.default_block)
 
 
 def _block(requested: int, length: int, smallest: int) -> int:
@@ -436,9 +440,9 @@ def flash_attention(
 
     `backend`: "triton" (GPUs) or "mosaic" (TPUs, `flash_tpu.py`); None = "mosaic" on a TPU, else "triton".
     `interpret` None = Pallas interpret mode (Mosaic's TPU interpreter for "mosaic") exactly when the default
-    backend is the CPU. `block_q`/`block_k` (powers of two, >= 16 for Triton and >= 128 for Mosaic; default 64
-    and 512; shrunk to the sequence), `backward_blocks` and `num_warps`/`num_stages` (Triton only) tune the
-    launch; they do not change the result beyond rounding.
+    backend is the CPU. `block_q`/`block_k` (powers of two, >= 16 for Triton and >= 128 for Mosaic; default 64,
+    and for Mosaic `flash_tpu.default_block`; shrunk to the sequence), `backward_blocks` and
+    `num_warps`/`num_stages` (Triton only) tune the launch; they do not change the result beyond rounding.
     """
     B, L, H, D = q_BLHD.shape
     K = k_BLKD.shape[2]
@@ -457,14 +461,19 @@ def flash_attention(
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     smallest = MIN_BLOCK if backend == "triton" else 128  # Mosaic: the lane width (flash_tpu.MIN_BLOCK)
-    bq = _block(block_q or DEFAULT_BLOCKS[backend], L, smallest)
-    bk = _block(block_k or DEFAULT_BLOCKS[backend], L, smallest)
+    dtype = jnp.result_type(q_BLHD, k_BLKD, v_BLKD)
+    if backend == "mosaic":
+        from keel.kernels import flash_tpu
+
+        default = flash_tpu.default_block(D, dtype)
+    else:
+        default = TRITON_BLOCK
+    bq, bk = _block(block_q or default, L, smallest), _block(block_k or default, L, smallest)
     bwd = None if backward_blocks is None else tuple(_block(b, L, smallest) for b in backward_blocks)
     multiple = max(bq, bk, *(bwd or ()))  # all powers of two: the largest is a multiple of the others
     L_pad = -(-L // multiple) * multiple
     # Triton's dots want power-of-two dims >= 16; Mosaic takes the head dim whole.
     D_pad = max(MIN_BLOCK, pl.next_power_of_2(D)) if backend == "triton" else D
-    dtype = jnp.result_type(q_BLHD, k_BLKD, v_BLKD)
     cfg = FlashConfig(
         causal=causal, window_right=window_right, softcap=float(softcap),
         scale=D**-0.5 if scale is None else float(scale), block_q=bq, block_k=bk,
@@ -484,8 +493,6 @@ def flash_attention(
         seg_BL = jnp.concatenate([seg_BL, jnp.broadcast_to(pad_id, (B, L_pad - L))], axis=1)
     window_1 = jnp.reshape(jnp.asarray(window, jnp.int32), (1,))
     if backend == "mosaic":
-        from keel.kernels import flash_tpu
-
         def bhld(x: jax.Array) -> jax.Array:
             return pad(x).transpose(0, 2, 1, 3)
 

@@ -83,6 +83,33 @@ def _ranges(seg_BL: jax.Array | None, block: int) -> list[jax.Array]:
     return [blocks.min(axis=2).reshape(-1), blocks.max(axis=2).reshape(-1)]
 
 
+def default_block(head_dim: int, dtype: jnp.dtype) -> int:
+    """block_q = block_k when not given: 512 for 16-bit inputs with head dims up to 128, else 256, halved on
+    chips with 16 MiB of VMEM (v2-v4). A (512, 512) float32 tile is 1 MiB and the backward keeps about six
+    alive besides its double-buffered inputs; these sizes are a starting point for tuning
+    (benchmarks/attention.py), not measured yet."""
+    block = 512 if jnp.dtype(dtype).itemsize <= 2 and head_dim <= 128 else 256
+    capacity = _vmem_capacity()
+    return block // 2 if capacity is not None and capacity < 32 * 2**20 else block
+
+
+def _vmem_capacity() -> int | None:
+    """VMEM bytes per TensorCore of this process's TPU, None off a TPU (or where Pallas does not know the chip)."""
+    if jax.default_backend() != "tpu":
+        return None
+    try:
+        return int(pltpu.get_tpu_info().vmem_capacity_bytes)
+    except (AttributeError, ValueError):
+        return None
+
+
+def _vmem_limit() -> int | None:
+    """Three quarters of VMEM for a kernel's scoped allocations (Mosaic's default limit is lower than the large
+    tiles need), leaving the rest to the compiler; None keeps Mosaic's default."""
+    capacity = _vmem_capacity()
+    return None if capacity is None else capacity * 3 // 4
+
+
 def _clamp(x: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
     """x moved into [lo, hi) (hi > lo is not required: an empty range gives lo). For index maps: a grid step
     outside the range re-reads the nearest block in it, which the pipeline already holds (no DMA)."""
@@ -111,6 +138,27 @@ def _overlap(ranges: tuple, a: jax.Array, b: jax.Array) -> jax.Array | bool:
     return (a_min[a] <= b_max[b]) & (b_min[b] <= a_max[a])
 
 
+def _full(q_first: jax.Array, k_first: jax.Array, window: jax.Array, ranges: tuple, a: jax.Array, b: jax.Array,
+          cfg: FlashConfig) -> jax.Array:
+    """Whether every (query, key) pair of the tile starting at query q_first and key k_first is visible: then
+    the tile skips the element-wise mask (most tiles of a causal mask; the boundary ones keep it). Segments: both
+    blocks hold one and the same id (a, b index the two pairs of `ranges` as in `_overlap`; symmetric)."""
+    q_last, k_last = q_first + cfg.block_q - 1, k_first + cfg.block_k - 1
+    full = (window <= 0) | (q_last - k_first < window)
+    if cfg.right is not None:
+        full &= k_last - q_first <= cfg.right
+    if ranges:
+        a_min, a_max, b_min, b_max = ranges
+        full &= (a_min[a] == a_max[a]) & (b_min[b] == b_max[b]) & (a_min[a] == b_min[b])
+    return full
+
+
+def _masked_and_full(visible: jax.Array | bool, full: jax.Array, step: Callable[[bool], None]) -> None:
+    """Run step(True) on a visible tile that needs the element-wise mask, step(False) on a full one."""
+    pl.when(visible & jnp.logical_not(full))(functools.partial(step, True))
+    pl.when(visible & full)(functools.partial(step, False))
+
+
 def _call(kernel: Callable, cfg: FlashConfig, *, grid: tuple[int, ...], prefetch: list[jax.Array],
           in_specs: list[pl.BlockSpec], out_specs: list[pl.BlockSpec], out_shape: list[jax.ShapeDtypeStruct],
           scratch: list, semantics: tuple[str, ...], name: str) -> Callable:
@@ -119,7 +167,8 @@ def _call(kernel: Callable, cfg: FlashConfig, *, grid: tuple[int, ...], prefetch
         grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=len(prefetch), grid=grid, in_specs=in_specs,
                                                out_specs=out_specs, scratch_shapes=scratch),
         out_shape=out_shape,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics,
+                                             vmem_limit_bytes=None if cfg.interpret else _vmem_limit()),
         interpret=(pltpu.InterpretParams() if INTERPRETER == "tpu" else True) if cfg.interpret else False,
         name=name,
     )
@@ -173,22 +222,26 @@ def _forward_kernel(window_ref, *refs, cfg: FlashConfig) -> None:  # noqa: ANN00
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     lo, hi = _key_block_range(i, window, num_k, cfg)
+    a, c = b * num_q + i, b * num_k + j
 
-    @pl.when((lo <= j) & (j < hi) & _overlap(ranges, b * num_q + i, b * num_k + j))
-    def _compute() -> None:
+    def step(masked: bool) -> None:
         v_KD = v_ref[...]
         s_QK, _ = _scores(q_ref[...], k_ref[...], cfg)
-        same_QK = None if q_seg_ref is None else _widen(q_seg_ref[...], bk) == k_seg_ref[:1, :]
-        allowed_QK = _allowed(_positions(i, j, s_QK.shape, bq, bk, False), same_QK, window, cfg)
-        s_QK = jnp.where(allowed_QK, s_QK, MASKED)
+        if masked:  # masked logits are finite: exp(MASKED - m) = 0 once the row has seen a visible key
+            same_QK = None if q_seg_ref is None else _widen(q_seg_ref[...], bk) == k_seg_ref[:1, :]
+            allowed_QK = _allowed(_positions(i, j, s_QK.shape, bq, bk, False), same_QK, window, cfg)
+            s_QK = jnp.where(allowed_QK, s_QK, MASKED)
         m_QN = m_ref[...]
         m_new_QN = jnp.maximum(m_QN, _row_max(s_QK))
-        p_QK = jnp.where(allowed_QK, jnp.exp(s_QK - _widen(m_new_QN, bk)), 0.0)
+        p_QK = jnp.exp(s_QK - _widen(m_new_QN, bk))
         correction_QN = jnp.exp(m_QN - m_new_QN)
         m_ref[...] = m_new_QN
         l_ref[...] = l_ref[...] * correction_QN + _row_sum(p_QK)
         acc_ref[...] = (acc_ref[...] * _widen(correction_QN, acc_ref.shape[1])
                         + _dot_nn(p_QK.astype(v_KD.dtype), v_KD, cfg))
+
+    _masked_and_full((lo <= j) & (j < hi) & _overlap(ranges, a, c),
+                     _full(i * bq, j * bk, window, ranges, a, c, cfg), step)
 
     @pl.when(j == num_k - 1)
     def _finish() -> None:
@@ -240,16 +293,21 @@ def _dq_kernel(window_ref, *refs, cfg: FlashConfig) -> None:  # noqa: ANN001
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     lo, hi = _key_block_range(i, window, num_k, cfg)
+    a, c = b * num_q + i, b * num_k + j
 
-    @pl.when((lo <= j) & (j < hi) & _overlap(ranges, b * num_q + i, b * num_k + j))
-    def _compute() -> None:
+    def step(masked: bool) -> None:
         q_QD, k_KD = q_ref[...], k_ref[...]
         s_QK, tanh_QK = _scores(q_QD, k_KD, cfg)
-        same_QK = None if q_seg_ref is None else _widen(q_seg_ref[...], bk) == k_seg_ref[:1, :]
-        allowed_QK = _allowed(_positions(i, j, s_QK.shape, bq, bk, False), same_QK, window, cfg)
+        allowed_QK = None
+        if masked:
+            same_QK = None if q_seg_ref is None else _widen(q_seg_ref[...], bk) == k_seg_ref[:1, :]
+            allowed_QK = _allowed(_positions(i, j, s_QK.shape, bq, bk, False), same_QK, window, cfg)
         _, ds_QK = _probs_and_dscores(s_QK, tanh_QK, _dot_nt(do_ref[...], v_ref[...], cfg),
                                       _widen(lse_ref[...], bk), _widen(delta_ref[...], bk), allowed_QK, cfg)
         acc_ref[...] += _dot_nn(ds_QK.astype(k_KD.dtype), k_KD, cfg)
+
+    _masked_and_full((lo <= j) & (j < hi) & _overlap(ranges, a, c),
+                     _full(i * bq, j * bk, window, ranges, a, c, cfg), step)
 
     @pl.when(j == num_k - 1)
     def _finish() -> None:
@@ -275,17 +333,22 @@ def _dkdv_kernel(window_ref, *refs, cfg: FlashConfig) -> None:  # noqa: ANN001
         dv_acc_ref[...] = jnp.zeros(dv_acc_ref.shape, jnp.float32)
 
     lo, hi = _query_block_range(j, window, num_q, cfg)
+    c, a = b * num_k + j, b * num_q + i
 
-    @pl.when((lo <= i) & (i < hi) & _overlap(ranges, b * num_k + j, b * num_q + i))
-    def _compute() -> None:
+    def step(masked: bool) -> None:
         q_QD, do_QD, v_KD = q_ref[...], do_ref[...], v_ref[...]
         s_KQ, tanh_KQ = _scores(k_ref[...], q_QD, cfg)  # q.k is symmetric in q and k: the transposed tile
-        same_KQ = None if k_seg_ref is None else _widen(k_seg_ref[...], bq) == q_seg_ref[:1, :]
-        allowed_KQ = _allowed(_positions(j, i, s_KQ.shape, bk, bq, True), same_KQ, window, cfg)
+        allowed_KQ = None
+        if masked:
+            same_KQ = None if k_seg_ref is None else _widen(k_seg_ref[...], bq) == q_seg_ref[:1, :]
+            allowed_KQ = _allowed(_positions(j, i, s_KQ.shape, bk, bq, True), same_KQ, window, cfg)
         p_KQ, ds_KQ = _probs_and_dscores(s_KQ, tanh_KQ, _dot_nt(v_KD, do_QD, cfg), lse_ref[:1, :],
                                          delta_ref[:1, :], allowed_KQ, cfg)
         dv_acc_ref[...] += _dot_nn(p_KQ.astype(do_QD.dtype), do_QD, cfg)
         dk_acc_ref[...] += _dot_nn(ds_KQ.astype(q_QD.dtype), q_QD, cfg)
+
+    _masked_and_full((lo <= i) & (i < hi) & _overlap(ranges, c, a), _full(i * bq, j * bk, window, ranges, c, a, cfg),
+                     step)
 
     @pl.when((g == cfg.group - 1) & (i == num_q - 1))
     def _finish() -> None:
@@ -364,4 +427,4 @@ def _flash_fwd(cfg: FlashConfig, q_BHLD: jax.Array, k_BKLD: jax.Array, v_BKLD: j
 
 flash_bhld.defvjp(_flash_fwd, _backward)
 
-__all__ = ["LANES", "MIN_BLOCK", "flash_bhld"]
+__all__ = ["LANES", "MIN_BLOCK", "default_block", "flash_bhld"]
