@@ -1,6 +1,6 @@
 """The Mosaic TPU version of the flash kernels (keel/kernels/flash_tpu.py), without a TPU: numerics in Pallas'
-TPU interpret mode against the float32 reference (the harness of test_flash.py), the blocks it computes, and
-the lowering of all three kernels to Mosaic for the TPU platform."""
+TPU interpret mode against the float32 reference (the harness of test_flash.py), the blocks it computes (and
+the Triton kernels' too), and the lowering of all three kernels to Mosaic for the TPU platform."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from keel.kernels import flash_tpu
+from keel.kernels import flash, flash_tpu
 from keel.kernels.flash import FlashConfig, _key_block_range, flash_attention
 from tests.test_flash import Program, check_program
 
@@ -59,29 +59,30 @@ def test_random_tpu_programs_match_reference(program_seed: int):
     check_program(_random_program(np.random.default_rng(2000 + program_seed)), range(3))
 
 
-def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
-    """Count the calls of flash_tpu.<name> as the kernels run (a debug callback: interpret mode runs it only
-    where `pl.when` lets the tile run)."""
+def _count_calls(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[int]:
+    """Count the calls of module.<name> as the kernels run (a debug callback: interpret mode runs it only
+    where `pl.when` / `lax.cond` lets the tile run)."""
     calls: list[int] = []
-    fn = getattr(flash_tpu, name)
+    fn = getattr(module, name)
 
     def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         jax.debug.callback(lambda: calls.append(1))
         return fn(*args, **kwargs)
 
-    monkeypatch.setattr(flash_tpu, name, counting)
+    monkeypatch.setattr(module, name, counting)
     return calls
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_tpu_kernels_compute_exactly_the_block_pairs_their_mask_can_reach(seed: int, monkeypatch):
-    """Block skipping: the forward, dq and dk/dv kernels each compute the (query block, key block) pairs inside
-    the causal/window range whose segment-id ranges meet, per head, and no other; of those, only the tiles
-    that hold a masked pair build the element-wise mask (every score tile calls `_scores` once, every masked
-    one `_allowed` once)."""
+@pytest.mark.parametrize(("backend", "seed"), [(M, 0), (M, 1), (M, 2), ("triton", 0), ("triton", 1)])
+def test_kernels_compute_exactly_the_block_pairs_their_mask_can_reach(backend: str, seed: int, monkeypatch):
+    """Block skipping, for the Mosaic and the Triton kernels: the forward, dq and dk/dv kernels each compute
+    the (query block, key block) pairs inside the causal/window range whose segment-id ranges meet, per head,
+    and no other; of those, only the tiles that hold a masked pair build the element-wise mask (every score
+    tile calls `_scores` once, every masked one `_allowed` (Mosaic) or `_mask` (Triton) once)."""
     rng = np.random.default_rng(seed)
-    B, L, H, K, D, bq, bk = 1, 1024, 2, 1, 64, 128, 128
-    window = int(rng.choice([0, int(rng.integers(bq + bk, 700))]))  # >= bq + bk: some tiles need no mask
+    block = 128 if backend == M else 32
+    B, L, H, K, D, bq, bk = 1, 8 * block, 2, 1, 64, block, block
+    window = int(rng.choice([0, int(rng.integers(bq + bk, 0.7 * L))]))  # >= bq + bk: some tiles need no mask
     starts = np.zeros((B, L), bool)  # packed, as keel.data makes them: 1-3 documents of a few blocks per row
     for row in starts:
         row[rng.choice(np.arange(1, L), int(rng.integers(0, 3)), replace=False)] = True
@@ -101,11 +102,13 @@ def test_tpu_kernels_compute_exactly_the_block_pairs_their_mask_can_reach(seed: 
     tiles = allowed.reshape(B, nq, bq, nk, bk)
     assert not (tiles.any(axis=(2, 4)) & ~computed).any()  # sound: every tile with a visible pair is computed
     masked = computed & ~tiles.all(axis=(2, 4))
-    scores, masks = _count_calls(monkeypatch, "_scores"), _count_calls(monkeypatch, "_allowed")
+    module = flash_tpu if backend == M else flash
+    scores = _count_calls(monkeypatch, module, "_scores")
+    masks = _count_calls(monkeypatch, module, "_allowed" if backend == M else "_mask")
     x = jnp.asarray(rng.standard_normal((B, L, H, D)), jnp.float32)
     kv = x[:, :, :K]
-    o, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, jnp.asarray(seg), window, backend=M, block_q=bq,
-                                                     block_k=bk), x, kv, kv)
+    o, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, jnp.asarray(seg), window, backend=backend,
+                                                     block_q=bq, block_k=bk), x, kv, kv)
     jax.block_until_ready(o)
     assert len(scores) == H * computed.sum() < B * H * nq * nk
     assert len(masks) == H * masked.sum() < len(scores)

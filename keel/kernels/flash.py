@@ -151,17 +151,34 @@ def _query_block_range(j: jax.Array, window: jax.Array, num_q: int,
     return jnp.asarray(lo, jnp.int32), jnp.maximum(hi, lo)
 
 
-def _maybe_skip(overlap: jax.Array | None, compute: Callable[[Carry], Carry], carry: Carry) -> Carry:
-    """Run compute(carry) unless the block's segment ranges cannot meet."""
-    if overlap is None:
-        return compute(carry)
-    return lax.cond(overlap, compute, lambda c: c, carry)
+def _tile_is_full(q_first: jax.Array, k_first: jax.Array, window: jax.Array, cfg: FlashConfig,
+                  segments: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None) -> jax.Array:
+    """Whether every (query, key) pair of the tile from query q_first and key k_first is visible, so the tile
+    can skip the element-wise mask: inside the window and right bounds for all its pairs and, with segments
+    (q_min, q_max, k_min, k_max), one and the same document on both sides. Most tiles of a causal mask are
+    full; the diagonal, window-edge and document-boundary ones are not."""
+    q_last, k_last = q_first + cfg.block_q - 1, k_first + cfg.block_k - 1
+    full = (window <= 0) | (q_last - k_first < window)
+    if cfg.right is not None:
+        full &= k_last - q_first <= cfg.right
+    if segments is not None:
+        q_min, q_max, k_min, k_max = segments
+        full &= (q_min == q_max) & (k_min == k_max) & (q_min == k_min)
+    return full
 
 
-def _segment_overlap(a_seg: jax.Array | None, b_min: jax.Array | None, b_max: jax.Array | None) -> jax.Array | None:
-    if a_seg is None:
-        return None
-    return (jnp.min(a_seg) <= b_max) & (b_min <= jnp.max(a_seg))
+def _visit(segments: tuple[jax.Array, ...] | None, full: jax.Array, compute: Callable[[bool, Carry], Carry],
+           carry: Carry) -> Carry:
+    """compute(masked, carry) on one tile: skipped when its segment ranges (q_min, q_max, k_min, k_max; None
+    without segments) cannot meet, run without the element-wise mask when the tile is full."""
+
+    def run(c: Carry) -> Carry:
+        return lax.cond(full, functools.partial(compute, False), functools.partial(compute, True), c)
+
+    if segments is None:
+        return run(carry)
+    q_min, q_max, k_min, k_max = segments
+    return lax.cond((q_min <= k_max) & (k_min <= q_max), run, lambda c: c, carry)
 
 
 # ---------------------------------------------------------------------------------------------------- forward
@@ -173,11 +190,12 @@ def _split_refs(refs: tuple, cfg: FlashConfig) -> tuple:
     return (refs[0], refs[1], refs[2:]) if cfg.has_segments else (None, None, refs)
 
 
-def _block_segments(seg_ref) -> tuple:  # noqa: ANN001
-    """A block's segment ids and their min and max (for the block-skip test), or Nones without segments."""
+def _block_segments(seg_ref, index=...) -> tuple:  # noqa: ANN001
+    """A block's segment ids (seg_ref[index]) and their min and max (for the block-skip and full-tile tests),
+    or Nones without segments."""
     if seg_ref is None:
         return None, None, None
-    seg = seg_ref[...]
+    seg = seg_ref[index]
     return seg, jnp.min(seg), jnp.max(seg)
 
 
@@ -193,22 +211,23 @@ def _forward_kernel(window_ref, q_ref, k_ref, v_ref, *refs, cfg: FlashConfig) ->
 
     def body(j: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
         keys = pl.ds(j * bk, bk)
-        k_seg_K = None if k_seg_ref is None else k_seg_ref[keys]
+        k_seg_K, k_seg_min, k_seg_max = _block_segments(k_seg_ref, keys)
 
-        def compute(carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
+        def compute(masked: bool, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
             acc_QD, m_Q, l_Q = carry
             s_QK, _ = _scores(q_QD, k_ref[keys, :], cfg)
-            k_pos_K = j * bk + jnp.arange(bk, dtype=jnp.int32)
-            allowed_QK = _mask(q_pos_Q, k_pos_K, q_seg_Q, k_seg_K, window, cfg)
-            s_QK = jnp.where(allowed_QK, s_QK, MASKED)
+            if masked:  # masked logits are finite: exp(MASKED - m) = 0 once the row has seen a visible key
+                k_pos_K = j * bk + jnp.arange(bk, dtype=jnp.int32)
+                s_QK = jnp.where(_mask(q_pos_Q, k_pos_K, q_seg_Q, k_seg_K, window, cfg), s_QK, MASKED)
             m_new_Q = jnp.maximum(m_Q, jnp.max(s_QK, axis=1))
-            p_QK = jnp.where(allowed_QK, jnp.exp(s_QK - m_new_Q[:, None]), 0.0)
+            p_QK = jnp.exp(s_QK - m_new_Q[:, None])
             correction_Q = jnp.exp(m_Q - m_new_Q)
             v_KD = v_ref[keys, :]
             acc_QD = acc_QD * correction_Q[:, None] + _dot_nn(p_QK.astype(v_KD.dtype), v_KD, cfg)
             return acc_QD, m_new_Q, l_Q * correction_Q + jnp.sum(p_QK, axis=1)
 
-        return _maybe_skip(_segment_overlap(k_seg_K, q_seg_min, q_seg_max), compute, carry)
+        segments = None if q_seg_ref is None else (q_seg_min, q_seg_max, k_seg_min, k_seg_max)
+        return _visit(segments, _tile_is_full(i * bq, j * bk, window, cfg, segments), compute, carry)
 
     lo, hi = _key_block_range(i, window, k_ref.shape[0] // bk, cfg)
     init = (jnp.zeros(q_QD.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
@@ -289,17 +308,20 @@ def _dq_kernel(window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *ref
 
     def body(j: jax.Array, dq_QD: jax.Array) -> jax.Array:
         keys = pl.ds(j * bk, bk)
-        k_seg_K = None if k_seg_ref is None else k_seg_ref[keys]
+        k_seg_K, k_seg_min, k_seg_max = _block_segments(k_seg_ref, keys)
 
-        def compute(dq_QD: jax.Array) -> jax.Array:
+        def compute(masked: bool, dq_QD: jax.Array) -> jax.Array:
             k_KD = k_ref[keys, :]
-            k_pos_K = j * bk + jnp.arange(bk, dtype=jnp.int32)
-            allowed_QK = _mask(q_pos_Q, k_pos_K, q_seg_Q, k_seg_K, window, cfg)
+            allowed_QK = None
+            if masked:
+                k_pos_K = j * bk + jnp.arange(bk, dtype=jnp.int32)
+                allowed_QK = _mask(q_pos_Q, k_pos_K, q_seg_Q, k_seg_K, window, cfg)
             _, ds_QK = _probs_and_dscores(*_scores(q_QD, k_KD, cfg), _dot_nt(do_QD, v_ref[keys, :], cfg),
                                           lse_Q[:, None], delta_Q[:, None], allowed_QK, cfg)
             return dq_QD + _dot_nn(ds_QK.astype(k_KD.dtype), k_KD, cfg)
 
-        return _maybe_skip(_segment_overlap(k_seg_K, q_seg_min, q_seg_max), compute, dq_QD)
+        segments = None if q_seg_ref is None else (q_seg_min, q_seg_max, k_seg_min, k_seg_max)
+        return _visit(segments, _tile_is_full(i * bq, j * bk, window, cfg, segments), compute, dq_QD)
 
     lo, hi = _key_block_range(i, window, k_ref.shape[0] // bk, cfg)
     dq_QD = lax.fori_loop(lo, hi, body, jnp.zeros(q_QD.shape, jnp.float32))
@@ -318,20 +340,23 @@ def _dkdv_kernel(window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *r
 
     def body(i: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         queries = pl.ds(i * bq, bq)
-        q_seg_Q = None if q_seg_ref is None else q_seg_ref[queries]
+        q_seg_Q, q_seg_min, q_seg_max = _block_segments(q_seg_ref, queries)
 
-        def compute(carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        def compute(masked: bool, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
             dk_KD, dv_KD = carry
             q_QD, do_QD = q_ref[queries, :], do_ref[queries, :]
-            q_pos_Q = i * bq + jnp.arange(bq, dtype=jnp.int32)
-            allowed_QK = _mask(q_pos_Q, k_pos_K, q_seg_Q, k_seg_K, window, cfg)
+            allowed_QK = None
+            if masked:
+                q_pos_Q = i * bq + jnp.arange(bq, dtype=jnp.int32)
+                allowed_QK = _mask(q_pos_Q, k_pos_K, q_seg_Q, k_seg_K, window, cfg)
             p_QK, ds_QK = _probs_and_dscores(*_scores(q_QD, k_KD, cfg), _dot_nt(do_QD, v_KD, cfg),
                                              lse_ref[queries][:, None], delta_ref[queries][:, None], allowed_QK, cfg)
             dv_KD = dv_KD + _dot_tn(p_QK.astype(do_QD.dtype), do_QD, cfg)
             dk_KD = dk_KD + _dot_tn(ds_QK.astype(q_QD.dtype), q_QD, cfg)
             return dk_KD, dv_KD
 
-        return _maybe_skip(_segment_overlap(q_seg_Q, k_seg_min, k_seg_max), compute, carry)
+        segments = None if q_seg_ref is None else (q_seg_min, q_seg_max, k_seg_min, k_seg_max)
+        return _visit(segments, _tile_is_full(i * bq, j * bk, window, cfg, segments), compute, carry)
 
     lo, hi = _query_block_range(j, window, q_ref.shape[0] // bq, cfg)
     zeros_KD = jnp.zeros(k_KD.shape, jnp.float32)

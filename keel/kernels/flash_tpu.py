@@ -47,6 +47,7 @@ from keel.kernels.flash import (
     _probs_and_dscores,
     _query_block_range,
     _scores,
+    _tile_is_full,
 )
 
 LANES, SUBLANES = 128, 8
@@ -130,27 +131,21 @@ def _row_max(x_QK: jax.Array) -> jax.Array:
     return lax.broadcast_in_dim(jnp.max(x_QK, axis=1), (x_QK.shape[0], LANES), (0,))
 
 
-def _overlap(ranges: tuple, a: jax.Array, b: jax.Array) -> jax.Array | bool:
-    """Whether block a (of the first range pair) and block b (of the second) can share a segment id."""
+def _segment_bounds(ranges: tuple, a: jax.Array, b: jax.Array) -> tuple[jax.Array, ...] | None:
+    """(min, max) of block a from the first pair of SMEM range tables and of block b from the second (None
+    without segments): the arguments of `flash._tile_is_full`, and of the overlap test (both symmetric)."""
     if not ranges:
-        return True
+        return None
     a_min, a_max, b_min, b_max = ranges
-    return (a_min[a] <= b_max[b]) & (b_min[b] <= a_max[a])
+    return a_min[a], a_max[a], b_min[b], b_max[b]
 
 
-def _full(q_first: jax.Array, k_first: jax.Array, window: jax.Array, ranges: tuple, a: jax.Array, b: jax.Array,
-          cfg: FlashConfig) -> jax.Array:
-    """Whether every (query, key) pair of the tile starting at query q_first and key k_first is visible: then
-    the tile skips the element-wise mask (most tiles of a causal mask; the boundary ones keep it). Segments: both
-    blocks hold one and the same id (a, b index the two pairs of `ranges` as in `_overlap`; symmetric)."""
-    q_last, k_last = q_first + cfg.block_q - 1, k_first + cfg.block_k - 1
-    full = (window <= 0) | (q_last - k_first < window)
-    if cfg.right is not None:
-        full &= k_last - q_first <= cfg.right
-    if ranges:
-        a_min, a_max, b_min, b_max = ranges
-        full &= (a_min[a] == a_max[a]) & (b_min[b] == b_max[b]) & (a_min[a] == b_min[b])
-    return full
+def _overlap(bounds: tuple[jax.Array, ...] | None) -> jax.Array | bool:
+    """Whether the two blocks of `bounds` can share a segment id."""
+    if bounds is None:
+        return True
+    a_min, a_max, b_min, b_max = bounds
+    return (a_min <= b_max) & (b_min <= a_max)
 
 
 def _masked_and_full(visible: jax.Array | bool, full: jax.Array, step: Callable[[bool], None]) -> None:
@@ -240,8 +235,9 @@ def _forward_kernel(window_ref, *refs, cfg: FlashConfig) -> None:  # noqa: ANN00
         acc_ref[...] = (acc_ref[...] * _widen(correction_QN, acc_ref.shape[1])
                         + _dot_nn(p_QK.astype(v_KD.dtype), v_KD, cfg))
 
-    _masked_and_full((lo <= j) & (j < hi) & _overlap(ranges, a, c),
-                     _full(i * bq, j * bk, window, ranges, a, c, cfg), step)
+    bounds = _segment_bounds(ranges, a, c)
+    _masked_and_full((lo <= j) & (j < hi) & _overlap(bounds), _tile_is_full(i * bq, j * bk, window, cfg, bounds),
+                     step)
 
     @pl.when(j == num_k - 1)
     def _finish() -> None:
@@ -306,8 +302,9 @@ def _dq_kernel(window_ref, *refs, cfg: FlashConfig) -> None:  # noqa: ANN001
                                       _widen(lse_ref[...], bk), _widen(delta_ref[...], bk), allowed_QK, cfg)
         acc_ref[...] += _dot_nn(ds_QK.astype(k_KD.dtype), k_KD, cfg)
 
-    _masked_and_full((lo <= j) & (j < hi) & _overlap(ranges, a, c),
-                     _full(i * bq, j * bk, window, ranges, a, c, cfg), step)
+    bounds = _segment_bounds(ranges, a, c)
+    _masked_and_full((lo <= j) & (j < hi) & _overlap(bounds), _tile_is_full(i * bq, j * bk, window, cfg, bounds),
+                     step)
 
     @pl.when(j == num_k - 1)
     def _finish() -> None:
@@ -347,7 +344,8 @@ def _dkdv_kernel(window_ref, *refs, cfg: FlashConfig) -> None:  # noqa: ANN001
         dv_acc_ref[...] += _dot_nn(p_KQ.astype(do_QD.dtype), do_QD, cfg)
         dk_acc_ref[...] += _dot_nn(ds_KQ.astype(q_QD.dtype), q_QD, cfg)
 
-    _masked_and_full((lo <= i) & (i < hi) & _overlap(ranges, c, a), _full(i * bq, j * bk, window, ranges, c, a, cfg),
+    bounds = _segment_bounds(ranges, c, a)
+    _masked_and_full((lo <= i) & (i < hi) & _overlap(bounds), _tile_is_full(i * bq, j * bk, window, cfg, bounds),
                      step)
 
     @pl.when((g == cfg.group - 1) & (i == num_q - 1))
