@@ -111,9 +111,11 @@ class ModelConfig:
     `head_dim ** -0.5`). Gemma-3 27B: d_model / n_heads = 168 with head_dim 128."""
     attention: AttentionImpl = "xla"
     """Attention implementation: `xla` (the pure-JAX reference, keel/kernels/reference.py), `pallas` (keel's
-    flash kernels, keel/kernels/flash.py; Pallas interpret mode on CPU, slow, for tests), `cudnn`
-    (`jax.nn.dot_product_attention` on cuDNN with the document and window mask as an explicit L x L mask; NVIDIA
-    GPUs; no attention softcap), `auto` (`pallas` on GPUs, `xla` elsewhere)."""
+    flash kernels: Triton on GPUs, keel/kernels/flash.py, Mosaic on TPUs, flash_tpu.py; Pallas interpret mode
+    on CPU, slow, for tests), `cudnn` (`jax.nn.dot_product_attention` on cuDNN with the document and window
+    mask as an explicit L x L mask; NVIDIA GPUs; no attention softcap), `auto` (the fastest of those that run
+    correctly here, measured once per device kind and shape and cached: keel/kernels/autotune.py; `xla` on
+    CPU)."""
     tie_embeddings: bool = True
     """The output matrix is the transposed input embedding; false adds a separate `unembed` matrix."""
     norm_eps: float = 1e-6

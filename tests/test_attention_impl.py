@@ -76,14 +76,11 @@ def test_cudnn_is_refused_where_it_cannot_run_or_cap():
         with pytest.raises(ConfigError, match="needs an NVIDIA GPU"):
             T.forward(T.init_params(CFG, jax.random.key(0)), tokens, segments, positions,
                       replace(CFG, attention="cudnn", attn_logit_softcap=0.0))
-    assert T.resolve_attention("auto") == ("pallas" if jax.default_backend() == "gpu" else "xla")
 
 
 def test_pallas_on_a_tpu_runs_the_mosaic_kernels(monkeypatch):
-    """On a TPU, `pallas` is the kernels' Mosaic version (here in Pallas' TPU interpret mode); `auto` stays on
-    XLA until the kernels are measured there."""
+    """On a TPU, `pallas` is the kernels' Mosaic version (here in Pallas' TPU interpret mode)."""
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert T.resolve_attention("auto") == "xla"
     fn = functools.partial(T.attention_fn(replace(CFG, attention="pallas"), None, (2, 32, 4, 8), (2, 32, 2, 8)),
                            interpret=True)
     q = jax.random.normal(jax.random.key(3), (2, 32, 4, 8))
@@ -107,3 +104,88 @@ def test_keel_train_with_pallas_gives_the_xla_losses(tiny_args, tmp_path):
         losses[impl] = [x["loss"] for x in lines if "loss" in x]
     assert len(losses["xla"]) == 4
     np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- model.attention=auto
+
+
+@pytest.fixture
+def fresh_autotune(monkeypatch, tmp_path):
+    """An empty decision cache (in the process and on disk, under tmp_path)."""
+    from keel.kernels import autotune
+
+    monkeypatch.setenv("KEEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_CHOSEN", {})
+    return autotune
+
+
+def _case(**kw):  # noqa: ANN003, ANN202
+    from keel.kernels import autotune
+
+    return autotune.Case(**{"q_shape": (2, 64, 4, 16), "k_shape": (2, 64, 2, 16), "dtype": "float32",
+                            "softcap": 5.0, "scale": None, "windows": ((0, 1), (16, 3)), **kw})
+
+
+def test_auto_keeps_the_fastest_correct_candidate(fresh_autotune, monkeypatch):
+    """A wrong candidate and one that raises are dropped with the reason, whatever their speed; of the correct
+    ones the fastest (by the layer-weighted time) wins; XLA is the fallback."""
+    autotune = fresh_autotune
+    impls = dict(T.attention_implementations(),
+                 wrong=lambda q, k, v, *a: jnp.zeros_like(q),
+                 raises=lambda q, k, v, *a: (_ for _ in ()).throw(RuntimeError("Mosaic said no")))
+    monkeypatch.setattr(autotune, "candidates", lambda platform, case: ["wrong", "raises", "pallas", "xla"])
+    times = {"wrong": 0.1, "pallas": 1.0, "xla": 2.0}
+    monkeypatch.setattr(autotune, "measure", lambda fn, case, reps=3: times[next(n for n, f in impls.items()
+                                                                                  if f is fn)])
+    name, report = autotune.decide(_case(), impls)
+    assert name == "pallas", report
+    assert report["wrong"].startswith("wrong: output differs") and "RuntimeError: Mosaic said no" in report["raises"]
+    times["pallas"] = 3.0
+    assert autotune.decide(_case(), impls)[0] == "xla"
+
+
+def test_auto_checks_candidates_against_the_reference_per_window():
+    """`check` on the real implementations (Pallas interpreted): correct; a candidate that ignores the window is
+    caught at the window where it matters."""
+    from keel.kernels import autotune
+
+    case = _case()
+    assert autotune.check(T.attention_implementations()["pallas"], case) is None
+    no_window = autotune.check(lambda q, k, v, seg, window, softcap, scale: attention(q, k, v, seg, 0, softcap, scale),
+                               case)
+    assert no_window is not None and "window 16" in no_window
+    assert autotune.candidates("cpu", case) == ["xla"] and autotune.candidates("tpu", case) == ["pallas", "xla"]
+    assert autotune.candidates("gpu", case) == ["pallas", "xla"]  # softcap: no cuDNN
+    assert autotune.candidates("gpu", _case(softcap=0.0, dtype="bfloat16")) == ["pallas", "cudnn", "xla"]
+
+
+def test_auto_in_a_traced_sharded_model_measures_once_and_caches(fresh_autotune, monkeypatch):
+    """Inside `jax.jit` of the model on a 2x2x2 mesh: the case holds the per-device shapes and the model's
+    windows, the choice runs (here pallas, made the faster) under shard_map like `pallas`, the forward equals
+    XLA's, and the decision is measured once: a second trace and a fresh process (disk cache) reuse it."""
+    autotune = fresh_autotune
+    seen = []
+
+    def fake_measure(fn, case, reps=3):  # noqa: ANN001, ANN202
+        seen.append(case)
+        return 1.0 if fn is T.attention_implementations()["pallas"] else 2.0
+
+    monkeypatch.setattr(autotune, "candidates", lambda platform, case: ["pallas", "xla"])
+    monkeypatch.setattr(autotune, "measure", fake_measure)
+    params = T.init_params(CFG, jax.random.key(0))
+    tokens, segments, positions = _batch()
+    sharder = Sharder(make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))
+    auto = replace(CFG, attention="auto")
+
+    def fwd(p):  # noqa: ANN001, ANN202
+        return T.forward(p, tokens, segments, positions, auto, sharder)
+
+    assert "pallas_call" in str(jax.make_jaxpr(fwd)(params))
+    np.testing.assert_allclose(jax.jit(fwd)(params), T.forward(params, tokens, segments, positions, CFG),
+                               rtol=2e-4, atol=2e-5)
+    assert len(seen) == 2  # pallas and xla, once
+    assert seen[0].q_shape == (2, 32, 2, 8) and seen[0].k_shape == (2, 32, 1, 8)  # batch / 4, heads / 2
+    assert seen[0].windows == ((0, 1), (8, 1))
+    monkeypatch.setattr(autotune, "_CHOSEN", {})
+    jax.make_jaxpr(fwd)(params)
+    assert len(seen) == 2  # read back from $KEEL_CACHE_DIR/attention.json

@@ -1,4 +1,5 @@
-"""Two `keel train` processes on localhost (CPU collectives through gloo) train exactly like one process."""
+"""Two processes on localhost (CPU collectives through gloo): `keel train` trains exactly like one process,
+`keel burnin` compares hashes across hosts, `model.attention=auto` makes one choice for all."""
 
 import json
 import os
@@ -76,3 +77,35 @@ def test_burnin_compares_hashes_across_hosts(tmp_path):
         hashes = [m for m in report["measurements"] if m["check"] == "sdc"]
         assert len(hashes) == 4 and len({m["value"] for m in hashes}) == 1
         assert all(m["note"] == "agrees with 8 of 8 devices" for m in hashes)  # both hosts' devices compared
+
+
+AUTO_SCRIPT = """
+import os, sys, jax
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
+from keel.kernels import autotune
+from keel.model.transformer import attention_implementations
+pid = jax.process_index()
+autotune.candidates = lambda platform, case: ["pallas", "xla"]
+autotune.check = lambda fn, case: None
+impls = attention_implementations()
+prefer = impls["xla"] if pid == 0 else impls["pallas"]  # the processes disagree on what is fastest
+autotune.measure = lambda fn, case, reps=3: print("measured", flush=True) or (1.0 if fn is prefer else 2.0)
+case = autotune.Case((1, 16, 2, 8), (1, 16, 1, 8), "float32", 0.0, None, ((0, 2),))
+print("chose", autotune.choose(case, impls), flush=True)
+"""
+
+
+def test_auto_attention_is_process_zeros_choice_on_every_process(tmp_path):
+    """model.attention=auto in a multi-process run: process 0 measures, the others do not, and all compile what
+    process 0 chose, even where their own measurement (or disk cache) would differ."""
+    port = _free_port()
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    procs = [subprocess.Popen([sys.executable, "-c", AUTO_SCRIPT, str(port), str(i)], cwd=root,
+                              env=dict(env, KEEL_CACHE_DIR=str(tmp_path / str(i))),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+        assert "chose xla" in out, out[-3000:]
+    assert outs[0].count("measured") == 2 and "measured" not in outs[1]

@@ -120,12 +120,16 @@ def count_params(cfg: ModelConfig) -> int:
     return sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_params(cfg)))
 
 
+def _layer_windows_np(cfg: ModelConfig) -> np.ndarray:
+    """Per-layer windows in numpy (for decisions made while a step is traced: jnp would be staged into it)."""
+    if cfg.sliding_window == 0:
+        return np.zeros(cfg.n_layers, np.int32)
+    return np.where((np.arange(cfg.n_layers) + 1) % cfg.global_every == 0, 0, cfg.sliding_window).astype(np.int32)
+
+
 def layer_windows(cfg: ModelConfig) -> jax.Array:
     """Per-layer attention window (0 = global): every `global_every`-th layer is global."""
-    if cfg.sliding_window == 0:
-        return jnp.zeros((cfg.n_layers,), jnp.int32)
-    is_global = (jnp.arange(cfg.n_layers) + 1) % cfg.global_every == 0
-    return jnp.where(is_global, 0, cfg.sliding_window).astype(jnp.int32)
+    return jnp.asarray(_layer_windows_np(cfg))
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -279,35 +283,53 @@ def cudnn_attention(q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array, seg
                                         implementation=implementation)
 
 
-def resolve_attention(name: str) -> str:
-    """`auto`: keel's Pallas kernels on GPUs, the XLA reference elsewhere (the kernels' timings against cuDNN on
-    GPUs and against XLA on TPUs are still to be measured: docs/kernels.md)."""
-    if name != "auto":
-        return name
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+def attention_implementations() -> dict[str, AttentionFn]:
+    """`model.attention`'s names and their functions (unsharded; `attention_fn` wraps them for a mesh)."""
+    from keel.kernels import flash  # Pallas loads only for a model that uses it
+
+    return {"xla": attention, "pallas": flash.flash_attention, "cudnn": cudnn_attention}
+
+
+def _per_device(shape: tuple[int, ...], spec: jax.sharding.PartitionSpec, mesh: jax.sharding.Mesh) -> tuple[int, ...]:
+    parts = tuple(spec) + (None,) * (len(shape) - len(spec))
+    sizes = [math.prod(mesh.shape[a] for a in ((p,) if isinstance(p, str) else p)) if p else 1 for p in parts]
+    return tuple(n // k for n, k in zip(shape, sizes, strict=True))
 
 
 def attention_fn(cfg: ModelConfig, sharder: Sharder | None, q_shape: tuple[int, ...], k_shape: tuple[int, ...]
                  ) -> AttentionFn:
-    """The attention `cfg.attention` selects. A Pallas or cuDNN call is opaque to XLA's partitioner, so under a
-    mesh it runs per shard (`flash.shard_mapped`): batch and heads as the activations are sharded; when the
-    query and KV heads would split differently (KV heads not divisible by the tensor axis), heads are not split."""
-    impl = resolve_attention(cfg.attention)
+    """The attention `cfg.attention` selects (`auto`: measured, `keel.kernels.autotune`). A Pallas or cuDNN call
+    is opaque to XLA's partitioner, so under a mesh it runs per shard (`flash.shard_mapped`): batch and heads as
+    the activations are sharded; when the query and KV heads would split differently (KV heads not divisible by
+    the tensor axis), heads are not split."""
+    q_spec = kv_spec = None
+    if sharder is not None:
+        q_spec = sharder.spec(("batch", "seq", "heads", "head_dim"), q_shape)
+        kv_spec = sharder.spec(("batch", "seq", "kv_heads", "head_dim"), k_shape)
+        if q_spec[2:3] != kv_spec[2:3]:
+            q_spec = jax.P(*q_spec[:2], None, *q_spec[3:])
+            kv_spec = jax.P(*kv_spec[:2], None, *kv_spec[3:])
+    impl = cfg.attention
+    if impl == "auto":
+        from keel.kernels import autotune
+
+        windows = _layer_windows_np(cfg)
+        case = autotune.Case(
+            q_shape=q_shape if sharder is None else _per_device(q_shape, q_spec, sharder.mesh),
+            k_shape=k_shape if sharder is None else _per_device(k_shape, kv_spec, sharder.mesh),
+            dtype=cfg.compute_dtype, softcap=cfg.attn_logit_softcap, scale=attention_scale(cfg),
+            windows=tuple((int(w), int((windows == w).sum())) for w in np.unique(windows)))
+        impl = autotune.choose(case, attention_implementations())
     if impl == "xla":
         return attention
     if impl == "cudnn" and jax.default_backend() != "gpu":
         raise ConfigError(f"model.attention=cudnn needs an NVIDIA GPU; this process's devices are "
                           f"{jax.default_backend()} (use xla, pallas or auto)")
-    from keel.kernels import flash  # Pallas loads only for a model that uses it
-
-    fn: AttentionFn = flash.flash_attention if impl == "pallas" else cudnn_attention
+    fn = attention_implementations()[impl]
     if sharder is None:
         return fn
-    q_spec = sharder.spec(("batch", "seq", "heads", "head_dim"), q_shape)
-    kv_spec = sharder.spec(("batch", "seq", "kv_heads", "head_dim"), k_shape)
-    if q_spec[2:3] != kv_spec[2:3]:
-        q_spec = jax.P(*q_spec[:2], None, *q_spec[3:])
-        kv_spec = jax.P(*kv_spec[:2], None, *kv_spec[3:])
+    from keel.kernels import flash
+
     return flash.shard_mapped(fn, sharder.mesh, q_spec, kv_spec, jax.P(*q_spec[:2]))
 
 
