@@ -158,23 +158,33 @@ def test_kernel_matches_reference_forward_and_gradients(p: Program):
     check_program(p, range(3))
 
 
-def _random_program(rng: np.random.Generator) -> Program:
+RANDOM_GRID = {  # per backend: sequence lengths, block sizes, head dims (Mosaic's blocks are >= 128)
+    "triton": ([16, 33, 64, 96, 128], [16, 32, 64], [64, 96, 128, 256]),
+    "mosaic": ([128, 200, 384, 512], [128, 256], [64, 128, 192, 256]),
+}
+
+
+def random_program(rng: np.random.Generator, backend: str = "triton") -> Program:
+    """A random static configuration: shapes (L not always a multiple of the blocks), GQA/MQA, dtype, softcap,
+    causal or bidirectional with a right window, documents or not, forward and backward blocks."""
+    lengths, blocks, head_dims = RANDOM_GRID[backend]
     K = int(rng.choice([1, 2]))
     causal = bool(rng.random() < 0.75)
+    L = int(rng.choice(lengths))
     return Program(
-        B=int(rng.integers(1, 3)), L=int(rng.choice([16, 33, 64, 96, 128])), H=K * int(rng.choice([1, 2, 4])), K=K,
-        D=int(rng.choice([64, 96, 128, 256])), dtype=str(rng.choice(["float32", "bfloat16"])),
-        softcap=float(rng.choice([0.0, 2.5, 30.0])), causal=causal,
-        window_right=None if causal and rng.random() < 0.8 else int(rng.integers(0, 20)),
-        segments=bool(rng.random() < 0.8), block_q=int(rng.choice([16, 32, 64])), block_k=int(rng.choice([16, 32])),
-        backward_blocks=None if rng.random() < 0.5 else (int(rng.choice([16, 32])), int(rng.choice([16, 64]))),
+        B=int(rng.integers(1, 3)), L=L, H=K * int(rng.choice([1, 2, 4])), K=K, D=int(rng.choice(head_dims)),
+        dtype=str(rng.choice(["float32", "bfloat16"])), softcap=float(rng.choice([0.0, 2.5, 30.0])), causal=causal,
+        window_right=None if causal and rng.random() < 0.8 else int(rng.integers(0, max(20, L // 2))),
+        segments=bool(rng.random() < 0.8), block_q=int(rng.choice(blocks)), block_k=int(rng.choice(blocks[:2])),
+        backward_blocks=None if rng.random() < 0.5 else (int(rng.choice(blocks[:2])), int(rng.choice(blocks))),
+        backend=backend,
     )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("program_seed", range(4))
 def test_random_programs_match_reference(program_seed: int):
-    check_program(_random_program(np.random.default_rng(1000 + program_seed)), range(4))
+    check_program(random_program(np.random.default_rng(1000 + program_seed)), range(4))
 
 
 def test_explicit_mask_oracle_is_the_reference_when_causal():
@@ -263,6 +273,13 @@ def test_kernels_lower_to_triton_for_gpu(case: tuple):
     """Without a GPU: the forward and both backward kernels go through Pallas' Triton lowering rules for CUDA
     (scalar window load, lax.cond block skip, transposed dots), one Triton call each. Compiling the Triton IR
     to PTX and running it still needs the GPU (benchmarks/attention.py)."""
+    hlo = lowered_forward_backward(case, "cuda", block_q=128, block_k=64, backward_blocks=(32, 64))
+    assert hlo.count("__gpu$xla.gpu.triton") == 3
+
+
+def lowered_forward_backward(case: tuple, platform: str, **kernel_args) -> str:
+    """The forward and backward of the (B, L, H, K, D, dtype, softcap, causal, window_right, segments) case,
+    lowered (not compiled) for `platform` without its hardware: the HLO text."""
     B, L, H, K, D, dtype, softcap, causal, window_right, segments = case
     q = jax.ShapeDtypeStruct((B, L, H, D), jnp.dtype(dtype))
     kv = jax.ShapeDtypeStruct((B, L, K, D), jnp.dtype(dtype))
@@ -270,13 +287,12 @@ def test_kernels_lower_to_triton_for_gpu(case: tuple):
 
     def fwd_bwd(q, k, v, seg, window, do):  # noqa: ANN001, ANN202
         o, vjp = jax.vjp(lambda q, k, v: flash_attention(
-            q, k, v, seg, window, softcap, causal=causal, window_right=window_right, block_q=128, block_k=64,
-            backward_blocks=(32, 64), interpret=False), q, k, v)
+            q, k, v, seg, window, softcap, causal=causal, window_right=window_right, interpret=False,
+            **kernel_args), q, k, v)
         return o, vjp(do)
 
     lowered = jax.jit(fwd_bwd).trace(q, kv, kv, seg, jax.ShapeDtypeStruct((), jnp.int32), q)
-    hlo = lowered.lower(lowering_platforms=("cuda",)).as_text()
-    assert hlo.count("__gpu$xla.gpu.triton") == 3
+    return lowered.lower(lowering_platforms=(platform,)).as_text()
 
 
 def test_shard_mapped_kernel_on_a_mesh_equals_the_unsharded_reference():

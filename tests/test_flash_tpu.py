@@ -11,7 +11,7 @@ import pytest
 
 from keel.kernels import flash, flash_tpu
 from keel.kernels.flash import FlashConfig, _key_block_range, flash_attention
-from tests.test_flash import Program, check_program
+from tests.test_flash import Program, check_program, lowered_forward_backward, random_program
 
 M = "mosaic"
 
@@ -38,25 +38,10 @@ def test_tpu_kernels_match_reference_forward_and_gradients(p: Program):
     check_program(p, range(2))
 
 
-def _random_program(rng: np.random.Generator) -> Program:
-    K = int(rng.choice([1, 2]))
-    causal = bool(rng.random() < 0.75)
-    blocks = [128, 256]
-    return Program(
-        B=int(rng.integers(1, 3)), L=int(rng.choice([128, 200, 384, 512])), H=K * int(rng.choice([1, 2, 4])), K=K,
-        D=int(rng.choice([64, 128, 192, 256])), dtype=str(rng.choice(["float32", "bfloat16"])),
-        softcap=float(rng.choice([0.0, 2.5, 30.0])), causal=causal,
-        window_right=None if causal and rng.random() < 0.8 else int(rng.integers(0, 200)),
-        segments=bool(rng.random() < 0.8), block_q=int(rng.choice(blocks)), block_k=int(rng.choice(blocks)),
-        backward_blocks=None if rng.random() < 0.5 else (int(rng.choice(blocks)), int(rng.choice(blocks))),
-        backend=M,
-    )
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("program_seed", range(8))
 def test_random_tpu_programs_match_reference(program_seed: int):
-    check_program(_random_program(np.random.default_rng(2000 + program_seed)), range(3))
+    check_program(random_program(np.random.default_rng(2000 + program_seed), M), range(3))
 
 
 def _count_calls(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[int]:
@@ -125,19 +110,7 @@ def test_tpu_kernels_lower_to_mosaic(case: tuple):
     """Without a TPU: the forward and both backward kernels go through Pallas' Mosaic lowering for the TPU
     platform (scalar prefetch, clamped index maps, lane/sublane-replicated rows, `pl.when` skips), one Mosaic
     call each. Mosaic's own compilation to TPU code (layouts, VMEM limits) still needs a TPU."""
-    B, L, H, K, D, dtype, softcap, causal, window_right, segments = case
-    q = jax.ShapeDtypeStruct((B, L, H, D), jnp.dtype(dtype))
-    kv = jax.ShapeDtypeStruct((B, L, K, D), jnp.dtype(dtype))
-    seg = jax.ShapeDtypeStruct((B, L), jnp.int32) if segments else None
-
-    def fwd_bwd(q, k, v, seg, window, do):  # noqa: ANN001, ANN202
-        o, vjp = jax.vjp(lambda q, k, v: flash_attention(
-            q, k, v, seg, window, softcap, causal=causal, window_right=window_right, backend=M, interpret=False),
-            q, k, v)
-        return o, vjp(do)
-
-    lowered = jax.jit(fwd_bwd).trace(q, kv, kv, seg, jax.ShapeDtypeStruct((), jnp.int32), q)
-    hlo = lowered.lower(lowering_platforms=("tpu",)).as_text()
+    hlo = lowered_forward_backward(case, "tpu", backend=M)
     assert hlo.count("tpu_custom_call") == 3
 
 

@@ -62,6 +62,12 @@ class FlashConfig:
     backward_blocks: tuple[int, int] | None = None  # (block_q, block_k) of the backward; None = the forward's
     backend: str = "triton"  # "triton" (GPU, and CPU interpret) or "mosaic" (TPU, flash_tpu.py)
 
+    def backward_config(self) -> FlashConfig:
+        """This configuration with the backward's block sizes."""
+        if self.backward_blocks is None:
+            return self
+        return dataclasses.replace(self, block_q=self.backward_blocks[0], block_k=self.backward_blocks[1])
+
     @property
     def right(self) -> int | None:
         """Largest m - l a query may look ahead (None = unbounded)."""
@@ -368,8 +374,7 @@ def _dkdv_kernel(window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *r
 def _backward(cfg: FlashConfig, residuals: tuple[jax.Array | None, ...],
               do_BLHD: jax.Array) -> tuple[jax.Array | None, ...]:
     q_BLHD, k_BLKD, v_BLKD, seg_BL, window_1, o_BLHD, lse_BHL = residuals
-    if cfg.backward_blocks is not None:
-        cfg = dataclasses.replace(cfg, block_q=cfg.backward_blocks[0], block_k=cfg.backward_blocks[1])
+    cfg = cfg.backward_config()
     B, L, H, D = q_BLHD.shape
     K = k_BLKD.shape[2]
     delta_BHL = jnp.einsum("blhd,blhd->bhl", o_BLHD.astype(jnp.float32), do_BLHD.astype(jnp.float32))
@@ -408,19 +413,25 @@ def _backward(cfg: FlashConfig, residuals: tuple[jax.Array | None, ...],
     return dq_BLHD, dk_BLKD, dv_BLKD, None, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: FlashConfig, q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array, seg_BL: jax.Array | None,
-           window_1: jax.Array) -> jax.Array:
-    return _forward(cfg, q_BLHD, k_BLKD, v_BLKD, seg_BL, window_1)[0]
+def differentiable(forward: Callable[..., tuple[jax.Array, jax.Array]], backward: Callable[..., tuple]) -> Callable:
+    """f(cfg, q, k, v, segment ids, window_1) -> o with `backward` as its VJP, from forward(...) -> (o, lse):
+    the residuals are the inputs, o and lse. The Triton and Mosaic kernels are wired alike."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def f(cfg: FlashConfig, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None,
+          window_1: jax.Array) -> jax.Array:
+        return forward(cfg, q, k, v, seg, window_1)[0]
+
+    def f_fwd(cfg: FlashConfig, q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None,
+              window_1: jax.Array) -> tuple[jax.Array, tuple[jax.Array | None, ...]]:
+        o, lse = forward(cfg, q, k, v, seg, window_1)
+        return o, (q, k, v, seg, window_1, o, lse)
+
+    f.defvjp(f_fwd, backward)
+    return f
 
 
-def _flash_fwd(cfg: FlashConfig, q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array, seg_BL: jax.Array | None,
-               window_1: jax.Array) -> tuple[jax.Array, tuple[jax.Array | None, ...]]:
-    o_BLHD, lse_BHL = _forward(cfg, q_BLHD, k_BLKD, v_BLKD, seg_BL, window_1)
-    return o_BLHD, (q_BLHD, k_BLKD, v_BLKD, seg_BL, window_1, o_BLHD, lse_BHL)
-
-
-_flash.defvjp(_flash_fwd, _backward)
+_flash = differentiable(_forward, _backward)
 
 
 # ------------------------------------------------------------------------------------------------ entry point

@@ -48,6 +48,7 @@ from keel.kernels.flash import (
     _query_block_range,
     _scores,
     _tile_is_full,
+    differentiable,
 )
 
 LANES, SUBLANES = 128, 8
@@ -357,8 +358,7 @@ def _dkdv_kernel(window_ref, *refs, cfg: FlashConfig) -> None:  # noqa: ANN001
 def _backward(cfg: FlashConfig, residuals: tuple[jax.Array | None, ...],
               do_BHLD: jax.Array) -> tuple[jax.Array | None, ...]:
     q_BHLD, k_BKLD, v_BKLD, seg_BL, window_1, o_BHLD, lse_BHL = residuals
-    if cfg.backward_blocks is not None:
-        cfg = dataclasses.replace(cfg, block_q=cfg.backward_blocks[0], block_k=cfg.backward_blocks[1])
+    cfg = cfg.backward_config()
     B, H, L, D = q_BHLD.shape
     K = k_BKLD.shape[1]
     bq, bk, group = cfg.block_q, cfg.block_k, cfg.group
@@ -410,19 +410,8 @@ def _backward(cfg: FlashConfig, residuals: tuple[jax.Array | None, ...],
     return dq_BHLD, dk_BKLD, dv_BKLD, None, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def flash_bhld(cfg: FlashConfig, q_BHLD: jax.Array, k_BKLD: jax.Array, v_BKLD: jax.Array, seg_BL: jax.Array | None,
-               window_1: jax.Array) -> jax.Array:
-    """The kernels on (B, heads, L, D) operands already padded to the blocks (see flash.flash_attention)."""
-    return _forward(cfg, q_BHLD, k_BKLD, v_BKLD, seg_BL, window_1)[0]
-
-
-def _flash_fwd(cfg: FlashConfig, q_BHLD: jax.Array, k_BKLD: jax.Array, v_BKLD: jax.Array, seg_BL: jax.Array | None,
-               window_1: jax.Array) -> tuple[jax.Array, tuple[jax.Array | None, ...]]:
-    o_BHLD, lse_BHL = _forward(cfg, q_BHLD, k_BKLD, v_BKLD, seg_BL, window_1)
-    return o_BHLD, (q_BHLD, k_BKLD, v_BKLD, seg_BL, window_1, o_BHLD, lse_BHL)
-
-
-flash_bhld.defvjp(_flash_fwd, _backward)
+flash_bhld = differentiable(_forward, _backward)
+"""flash_bhld(cfg, q_BHLD, k_BKLD, v_BKLD, seg_BL, window_1): the kernels on (B, heads, L, D) operands already
+padded to the blocks (see flash.flash_attention)."""
 
 __all__ = ["LANES", "MIN_BLOCK", "default_block", "flash_bhld"]
