@@ -22,7 +22,8 @@ What differs from the Triton version, and why:
 
 On CPU the kernels run in Pallas' TPU interpret mode (`pltpu.InterpretParams`: fresh VMEM is filled with NaN,
 so a read before a write shows); `jax.jit(...).trace(...).lower(lowering_platforms=("tpu",))` lowers them to
-Mosaic without a TPU (tests/test_flash_tpu.py). Compiling Mosaic to TPU code needs a TPU.
+Mosaic without a TPU (tests/test_flash_tpu.py); benchmarks/tpu_compile.py compiles them for v4-v6e through
+libtpu without a TPU (Mosaic's compiler and VMEM allocation, not a run).
 """
 
 from __future__ import annotations
