@@ -20,10 +20,10 @@ What differs from the Triton version, and why:
   float32 partials, unlike the Triton version.
 - Blocks are multiples of 128 (the lane width); head dims are taken whole (not padded).
 
-On CPU the kernels run in Pallas' TPU interpret mode (`pltpu.InterpretParams`: fresh VMEM is filled with NaN,
-so a read before a write shows); `jax.jit(...).trace(...).lower(lowering_platforms=("tpu",))` lowers them to
-Mosaic without a TPU (tests/test_flash_tpu.py); benchmarks/tpu_compile.py compiles them for v4-v6e through
-libtpu without a TPU (Mosaic's compiler and VMEM allocation, not a run).
+On CPU the kernels run in Pallas interpret mode (`INTERPRETER`; the kernel tests use Pallas' TPU interpreter,
+whose fresh VMEM holds NaN, so a read before a write shows). `jax.jit(...).trace(...).lower(lowering_platforms=
+("tpu",))` lowers them to Mosaic without a TPU (tests/test_flash_tpu.py); benchmarks/tpu_compile.py compiles
+them for v4-v6e through libtpu without a TPU (Mosaic's compiler and VMEM allocation, not a run).
 """
 
 from __future__ import annotations
