@@ -58,7 +58,8 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> 
     return calls
 
 
-@pytest.mark.parametrize(("backend", "seed"), [(M, 0), (M, 1), (M, 2), ("triton", 0), ("triton", 1)])
+@pytest.mark.parametrize(("backend", "seed"), [(M, 0), ("triton", 0), *(pytest.param(b, n, marks=pytest.mark.slow)
+                                                                  for b, n in ((M, 1), (M, 2), ("triton", 1)))])
 def test_kernels_compute_exactly_the_block_pairs_their_mask_can_reach(backend: str, seed: int, monkeypatch):
     """Block skipping, for the Mosaic and the Triton kernels: the forward, dq and dk/dv kernels each compute
     the (query block, key block) pairs inside the causal/window range whose segment-id ranges meet, per head,
