@@ -27,11 +27,14 @@ def _batch(B: int = 8, L: int = 32):
     return tokens, segments, jnp.broadcast_to(jnp.arange(L), (B, L))
 
 
-@pytest.mark.parametrize("mesh", [pytest.param(MeshConfig(), marks=pytest.mark.slow),
-                                  MeshConfig(data=2, fsdp=2, tensor=2), MeshConfig(data=2, fsdp=1, tensor=4),
-                                  pytest.param(MeshConfig(data=1, fsdp=8, tensor=1), marks=pytest.mark.slow)],
-                         ids=["data8", "2x2x2", "tensor4-kv2", "fsdp8"])
-@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+MESHES = {"data8": MeshConfig(), "2x2x2": MeshConfig(data=2, fsdp=2, tensor=2),
+          "tensor4-kv2": MeshConfig(data=2, fsdp=1, tensor=4), "fsdp8": MeshConfig(data=1, fsdp=8, tensor=1)}
+FAST = {("triton", "2x2x2"), ("triton", "tensor4-kv2"), ("mosaic", "2x2x2")}  # the rest in the slow suite
+
+
+@pytest.mark.parametrize(("backend", "mesh"), [
+    pytest.param(b, m, id=f"{b}-{name}", marks=() if (b, name) in FAST else pytest.mark.slow)
+    for b in ("triton", "mosaic") for name, m in MESHES.items()])
 def test_pallas_in_the_model_equals_xla_on_every_mesh(mesh, backend, monkeypatch):
     """Forward and parameter gradients, with the kernels' Triton (GPU) and Mosaic (TPU) versions, both in
     interpret mode. tensor=4 with 2 KV heads: the KV heads cannot split four ways, so the kernel runs with whole
