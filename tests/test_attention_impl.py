@@ -178,7 +178,7 @@ def test_auto_in_a_traced_sharded_model_measures_once_and_caches(fresh_autotune,
     params = T.init_params(CFG, jax.random.key(0))
     tokens, segments, positions = _batch()
     sharder = Sharder(make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))
-    auto = replace(CFG, attention="auto")
+    auto = replace(CFG, attention="auto", compute_dtype="auto")  # float32 on this CPU
 
     def fwd(p):  # noqa: ANN001, ANN202
         return T.forward(p, tokens, segments, positions, auto, sharder)
@@ -188,7 +188,7 @@ def test_auto_in_a_traced_sharded_model_measures_once_and_caches(fresh_autotune,
                                rtol=2e-4, atol=2e-5)
     assert len(seen) == 2  # pallas and xla, once
     assert seen[0].q_shape == (2, 32, 2, 8) and seen[0].k_shape == (2, 32, 1, 8)  # batch / 4, heads / 2
-    assert seen[0].windows == ((0, 1), (8, 1))
+    assert seen[0].windows == ((0, 1), (8, 1)) and seen[0].dtype == "float32"
     monkeypatch.setattr(autotune, "_CHOSEN", {})
     jax.make_jaxpr(fwd)(params)
     assert len(seen) == 2  # read back from $KEEL_CACHE_DIR/attention.json

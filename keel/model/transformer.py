@@ -317,7 +317,7 @@ def attention_fn(cfg: ModelConfig, sharder: Sharder | None, q_shape: tuple[int, 
         case = autotune.Case(
             q_shape=q_shape if sharder is None else _per_device(q_shape, q_spec, sharder.mesh),
             k_shape=k_shape if sharder is None else _per_device(k_shape, kv_spec, sharder.mesh),
-            dtype=cfg.compute_dtype, softcap=cfg.attn_logit_softcap, scale=attention_scale(cfg),
+            dtype=compute_dtype(cfg).name, softcap=cfg.attn_logit_softcap, scale=attention_scale(cfg),
             windows=tuple((int(w), int((windows == w).sum())) for w in np.unique(windows)))
         impl = autotune.choose(case, attention_implementations())
     if impl == "xla":
