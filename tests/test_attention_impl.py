@@ -157,6 +157,8 @@ def test_auto_checks_candidates_against_the_reference_per_window():
     no_window = autotune.check(lambda q, k, v, seg, window, softcap, scale: attention(q, k, v, seg, 0, softcap, scale),
                                case)
     assert no_window is not None and "window 16" in no_window
+    long = _case(q_shape=(8, 4096, 4, 16), k_shape=(8, 4096, 2, 16))
+    assert long.for_check() == _case(q_shape=(1, 1024, 4, 16), k_shape=(1, 1024, 2, 16))  # the reference fits
     assert autotune.candidates("cpu", case) == ["xla"] and autotune.candidates("tpu", case) == ["pallas", "xla"]
     assert autotune.candidates("gpu", case) == ["pallas", "xla"]  # softcap: no cuDNN
     assert autotune.candidates("gpu", _case(softcap=0.0, dtype="bfloat16")) == ["pallas", "cudnn", "xla"]
