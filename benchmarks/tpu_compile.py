@@ -15,9 +15,10 @@ libtpu is not a keel dependency (it is large and makes JAX probe for TPUs at sta
 
 Writes DIR/tpu_compile.{json,md}; exit status 1 if any case fails to compile.
 
-`--plan TOPOLOGY PRESET [OVERRIDES...]` instead compiles keel's whole train step (as `keel train` builds it) for
-a TPU topology and sets `keel plan`'s memory estimate beside XLA:TPU's `memory_analysis()` peak, e.g.
-`--plan v5p:2x2x1 tiny mesh.fsdp=4` (the 1b preset takes ~9 minutes to compile on 2 cores).
+`--plan TOPOLOGY PRESET [OVERRIDES...]` instead runs `keel plan --check`'s comparison for a TPU topology: keel's
+whole train step (as `keel train` builds it) compiled deviceless, XLA:TPU's peak memory, FLOPs and collective
+bytes beside the planner's, e.g. `--plan v5p:2x2x1 tiny mesh.fsdp=4 model.compute_dtype=bfloat16` (state the
+dtype: `auto` resolves by this process's backend, the CPU; the 1b preset takes ~9 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -137,29 +138,17 @@ def compile_model(devices: list) -> dict:
 
 
 def plan_check(topology_name: str, preset: str, overrides: list[str]) -> dict:
-    """keel's train step compiled for `topology_name`: XLA:TPU's peak memory per device beside the planner's."""
+    """`keel plan --check` for a TPU topology: keel's train step compiled deviceless, its memory, FLOPs and
+    collective bytes beside the planner's (`keel.plan.check.compare`)."""
     from keel.config import load_config
-    from keel.parallel.sharding import mesh_shape
-    from keel.plan.layout import Layout
-    from keel.plan.memory import estimate
-    from keel.train.run import build_run
+    from keel.plan.check import compare
 
     devices = list(topologies.get_topology_desc(topology_name=topology_name, platform="tpu").devices)
-    cfg = load_config(preset, overrides)
-    run = build_run(cfg, bos=1, pad=0, devices=devices, log=lambda _: None)
-    B, T = cfg.train.batch_size, cfg.data.seq_len
-    batch = {"tokens": jax.ShapeDtypeStruct((B, T + 1), jnp.uint16, sharding=run.batch_sharding["tokens"]),
-             "first_position": jax.ShapeDtypeStruct((B,), jnp.int32, sharding=run.batch_sharding["first_position"])}
     t = time.perf_counter()
-    mem = run.train_step.lower(run.restore_target(), batch).compile().memory_analysis()
-    compile_s = time.perf_counter() - t
-    xla = {k: getattr(mem, f"{k}_size_in_bytes") / 2**30 for k in ("argument", "output", "alias", "temp")}
-    peak = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"]
-    est = estimate(Layout(cfg, mesh_shape(cfg.mesh, len(devices))), True)
-    return {"topology": topology_name, "preset": preset, "overrides": overrides, "mesh": dict(run.mesh.shape),
-            "compile_s": round(compile_s, 1), "xla_gib": xla, "xla_peak_gib": peak,
-            "planner_gib": est.total / 2**30, "planner": dataclasses.asdict(est),
-            "error": est.total / 2**30 / peak - 1}
+    result = compare(load_config(preset, overrides), devices)
+    print(result.table())
+    return {"topology": topology_name, "preset": preset, "overrides": overrides,
+            "compile_s": round(time.perf_counter() - t, 1), **result.to_json()}
 
 
 def main() -> None:
@@ -169,10 +158,7 @@ def main() -> None:
     ap.add_argument("--plan", nargs="+", metavar="ARG", help="TOPOLOGY PRESET [OVERRIDES...]: planner vs XLA:TPU")
     args = ap.parse_args()
     if args.plan:
-        row = plan_check(args.plan[0], args.plan[1], args.plan[2:])
-        print(json.dumps(row, indent=1))
-        print(f"{row['topology']} {row['preset']} {' '.join(row['overrides'])}: XLA:TPU peak {row['xla_peak_gib']:.3f} "
-              f"GiB per device, planner {row['planner_gib']:.3f} GiB ({100 * row['error']:+.1f} %)")
+        print(json.dumps(plan_check(args.plan[0], args.plan[1], args.plan[2:])))
         return
     # Pallas picks the kernels' backend from the default platform, which is the CPU here.
     flash.flash_attention = functools.partial(flash.flash_attention, backend="mosaic", interpret=False)

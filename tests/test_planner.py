@@ -9,6 +9,7 @@ collective bytes within 10 % per family carrying 5 % or more of the step's bytes
 
 import json
 import math
+import re
 
 import jax
 import pytest
@@ -259,6 +260,34 @@ def test_hlo_collectives_and_loops_are_counted_per_run():
     gathers = [c for c in hlo.collectives(program, {"fsdp": 4}) if c.kind == "all-gather"]
     assert gathers and all(c.axes == ("fsdp",) and c.group == 4 for c in gathers)
     assert sum(c.buffer_bytes * c.count for c in gathers) == 5 * 64 * 32 * 4
+    # XLA:TPU writes no known_trip_count: the count is read off the loop (i < 5 from a copied 0) instead.
+    bare = re.sub(r'"known_trip_count":\{"n":"\d+"\},?', "", compiled.as_text())
+    assert "known_trip_count" not in bare and hlo.parse(bare).runs == program.runs
+    assert hlo.dot_flops(hlo.parse(bare)) == 5 * 2 * 8 * 64 * 32
+
+
+def test_a_loop_that_is_not_counted_from_zero_to_a_constant_is_refused():
+    text = """HloModule m
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] get-tuple-element(%p), index=1
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  ROOT %p = (s32[], f32[8]) parameter(0)
+}
+ENTRY %main (x: f32[8]) -> (s32[], f32[8]) {
+  %x = f32[8] parameter(0)
+  %zero = s32[] constant(0)
+  %t = (s32[], f32[8]) tuple(%zero, %x)
+  ROOT %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body
+}
+"""
+    with pytest.raises(ValueError, match="no known trip count"):
+        hlo.parse(text)  # the bound is a loop value, not a constant
+    counted = text.replace("%n = s32[] get-tuple-element(%p), index=1", "%n = s32[] constant(7)")
+    assert hlo.parse(counted).runs == {"main": 1, "body": 7}
 
 
 def test_replica_group_notations():

@@ -3,8 +3,10 @@ times as it runs.
 
 XLA's own `cost_analysis()` counts the body of a `while` loop once, whatever its trip count; keel runs its
 layers with `jax.lax.scan`, so most of a train step sits inside two loops (forward and backward). Here every
-instruction is weighted by the known trip counts of the loops around it (`known_trip_count` in the loop's
-backend config), so the totals are the step's.
+instruction is weighted by the trip counts of the loops around it, so the totals are the step's: the
+`known_trip_count` of the loop's backend config (XLA:CPU, GPU), else read off the loop itself as JAX emits
+`scan` and `fori_loop` (XLA:TPU keeps no such config): the condition `i < n` on tuple element 0 with constant
+n, and i's constant start in the loop's initial tuple (through copies).
 
 A collective's `buffer_bytes` is the size of the whole buffer it works on, per device: an all-gather's result,
 a reduce-scatter's operand, an all-reduce's or all-to-all's operand. Its `group` is the number of devices that
@@ -50,6 +52,7 @@ class Instruction:
     shapes: tuple[Shape, ...]  # the result: one shape, or a tuple's elements
     operands: tuple[str, ...]
     attrs: str
+    literal: str = ""  # a constant's value or a parameter's number as written, e.g. "4"
 
     @property
     def result_bytes(self) -> float:
@@ -96,8 +99,8 @@ def _shapes(type_text: str) -> tuple[Shape, ...]:
                  if d in DTYPE_BYTES)
 
 
-def _operands(rest: str) -> tuple[str, tuple[str, ...], str]:
-    """(opcode, operand names, attributes) from `opcode(%a, %b), attr=...`."""
+def _operands(rest: str) -> tuple[str, tuple[str, ...], str, str]:
+    """(opcode, operand names, attributes, the text inside the parentheses) from `opcode(%a, %b), attr=...`."""
     opcode, _, tail = rest.partition("(")
     depth, end = 1, len(tail)
     for i, ch in enumerate(tail):
@@ -106,7 +109,7 @@ def _operands(rest: str) -> tuple[str, tuple[str, ...], str]:
         if depth == 0:
             end = i
             break
-    return opcode.strip(), tuple(re.findall(r"%([\w.\-]+)", tail[:end])), tail[end + 1 :]
+    return opcode.strip(), tuple(re.findall(r"%([\w.\-]+)", tail[:end])), tail[end + 1 :], tail[:end]
 
 
 def parse(hlo_text: str) -> Program:
@@ -126,11 +129,71 @@ def parse(hlo_text: str) -> Program:
         m = _INSTRUCTION.match(line) if current is not None else None
         if m:
             type_text, rest = _split_type(m.group(2))
-            opcode, operands, attrs = _operands(rest)
-            current.append(Instruction(m.group(1), opcode, _shapes(type_text), operands, attrs))
+            opcode, operands, attrs, inside = _operands(rest)
+            literal = inside.strip() if opcode in ("constant", "parameter") else ""
+            current.append(Instruction(m.group(1), opcode, _shapes(type_text), operands, attrs, literal))
     if not entry:
         raise ValueError("no ENTRY computation in the HLO text")
     return Program(computations, entry, _runs(computations, entry))
+
+
+def _integer(name: str, by_name: Mapping[str, Instruction]) -> int | None:
+    """The value of a scalar integer constant, looked up through copies and conversions; None if it is not one."""
+    ins = by_name.get(name)
+    for _ in range(8):
+        if ins is None or ins.opcode not in ("copy", "convert", "bitcast"):
+            break
+        ins = by_name.get(ins.operands[0]) if ins.operands else None
+    if ins is not None and ins.opcode == "constant" and re.fullmatch(r"-?\d+", ins.literal):
+        return int(ins.literal)
+    return None
+
+
+def _bound(ins: Instruction, in_condition: Mapping[str, Instruction],
+           computations: Mapping[str, list[Instruction]]) -> tuple[str, int] | None:
+    """(the name of a, n) when `ins` computes a < n with n a constant: a compare, or a fusion around one."""
+    if ins.opcode == "compare" and "direction=LT" in ins.attrs and len(ins.operands) == 2:
+        stop = _integer(ins.operands[1], in_condition)
+        return None if stop is None else (ins.operands[0], stop)
+    if ins.opcode != "fusion":
+        return None
+    fused = computations.get(dict(_CALLEE.findall(ins.attrs)).get("calls", ""), [])
+    in_fused = {i.name: i for i in fused}
+    number = {i.name: int(i.literal) for i in fused if i.opcode == "parameter" and i.literal.isdigit()}
+    for f in fused:
+        if f.opcode != "compare" or "direction=LT" not in f.attrs or len(f.operands) != 2:
+            continue
+        a, b = f.operands
+        if a not in number or number[a] >= len(ins.operands):
+            continue
+        stop = (_integer(ins.operands[number[b]], in_condition) if b in number and number[b] < len(ins.operands)
+                else _integer(b, in_fused))
+        if stop is not None:
+            return ins.operands[number[a]], stop
+    return None
+
+
+def _counted_loop_trips(loop: Instruction, caller: Sequence[Instruction],
+                        computations: Mapping[str, list[Instruction]]) -> int | None:
+    """n - i0 for a `while` whose condition is `get-tuple-element(param, index=0) < n` (n constant; the compare
+    may sit in a fusion) and whose initial tuple starts with the constant i0: how JAX's scan and fori_loop count.
+    None for any other loop."""
+    callees = dict(_CALLEE.findall(loop.attrs))
+    condition = computations.get(callees.get("condition", ""), [])
+    in_condition = {i.name: i for i in condition}
+    in_caller = {i.name: i for i in caller}
+    init = in_caller.get(loop.operands[0]) if loop.operands else None
+    start = _integer(init.operands[0], in_caller) if init is not None and init.opcode == "tuple" else None
+    for ins in condition:
+        bound = _bound(ins, in_condition, computations)
+        if bound is None:
+            continue
+        counter = in_condition.get(bound[0])
+        if counter is None or counter.opcode != "get-tuple-element" or not re.search(r"\bindex=0\b", counter.attrs):
+            continue
+        if start is not None and bound[1] >= start:
+            return bound[1] - start
+    return None
 
 
 def _runs(computations: dict[str, list[Instruction]], entry: str) -> dict[str, int]:
@@ -142,9 +205,10 @@ def _runs(computations: dict[str, list[Instruction]], entry: str) -> dict[str, i
             for kind, callee in _CALLEE.findall(ins.attrs):
                 if kind == "body":
                     trip = _TRIP.search(ins.attrs)
-                    if trip is None:
+                    n = int(trip.group(1)) if trip else _counted_loop_trips(ins, body, computations)
+                    if n is None:
                         raise ValueError(f"while loop {ins.name} has no known trip count")
-                    calls[name].append((callee, int(trip.group(1))))
+                    calls[name].append((callee, n))
                 elif kind in ("calls", "true_computation", "false_computation"):
                     calls[name].append((callee, 1))
             for group in _BRANCHES.findall(ins.attrs):
