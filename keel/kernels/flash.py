@@ -173,6 +173,15 @@ def _tile_is_full(q_first: jax.Array, k_first: jax.Array, window: jax.Array, cfg
     return full
 
 
+def _segments_meet(segments: tuple[jax.Array, ...] | None) -> jax.Array | bool:
+    """Whether two blocks with segment-id ranges (a_min, a_max, b_min, b_max) can share an id (None: no
+    segments, always)."""
+    if segments is None:
+        return True
+    a_min, a_max, b_min, b_max = segments
+    return (a_min <= b_max) & (b_min <= a_max)
+
+
 def _visit(segments: tuple[jax.Array, ...] | None, full: jax.Array, compute: Callable[[bool, Carry], Carry],
            carry: Carry) -> Carry:
     """compute(masked, carry) on one tile: skipped when its segment ranges (q_min, q_max, k_min, k_max; None
@@ -183,8 +192,7 @@ def _visit(segments: tuple[jax.Array, ...] | None, full: jax.Array, compute: Cal
 
     if segments is None:
         return run(carry)
-    q_min, q_max, k_min, k_max = segments
-    return lax.cond((q_min <= k_max) & (k_min <= q_max), run, lambda c: c, carry)
+    return lax.cond(_segments_meet(segments), run, lambda c: c, carry)
 
 
 # ---------------------------------------------------------------------------------------------------- forward
@@ -496,14 +504,13 @@ def flash_attention(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    smallest = MIN_BLOCK if backend == "triton" else 128  # Mosaic: the lane width (flash_tpu.MIN_BLOCK)
     dtype = jnp.result_type(q_BLHD, k_BLKD, v_BLKD)
     if backend == "mosaic":
         from keel.kernels import flash_tpu
 
-        default = flash_tpu.default_block(D, dtype)
+        smallest, default = flash_tpu.MIN_BLOCK, flash_tpu.default_block(D, dtype)
     else:
-        default = TRITON_BLOCK
+        smallest, default = MIN_BLOCK, TRITON_BLOCK
     bq, bk = _block(block_q or default, L, smallest), _block(block_k or default, L, smallest)
     bwd = None if backward_blocks is None else tuple(_block(b, L, smallest) for b in backward_blocks)
     multiple = max(bq, bk, *(bwd or ()))  # all powers of two: the largest is a multiple of the others

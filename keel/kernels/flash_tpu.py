@@ -48,6 +48,7 @@ from keel.kernels.flash import (
     _probs_and_dscores,
     _query_block_range,
     _scores,
+    _segments_meet,
     _tile_is_full,
     differentiable,
 )
@@ -65,7 +66,7 @@ INTERPRETER = "generic"
 
 @dataclasses.dataclass(frozen=True)
 class _Segments:
-    """Segment ids in the two replicated layouts, and each block's id range (for the skip test)."""
+    """Segment ids in the two replicated layouts (the per-block id ranges are `_ranges`)."""
 
     lanes_BLN: jax.Array  # (B, L, 128): row l holds id l in every lane
     rows_BSL: jax.Array  # (B, 8, L): every sublane holds the ids
@@ -142,12 +143,14 @@ def _segment_bounds(ranges: tuple, a: jax.Array, b: jax.Array) -> tuple[jax.Arra
     return a_min[a], a_max[a], b_min[b], b_max[b]
 
 
-def _overlap(bounds: tuple[jax.Array, ...] | None) -> jax.Array | bool:
-    """Whether the two blocks of `bounds` can share a segment id."""
-    if bounds is None:
-        return True
-    a_min, a_max, b_min, b_max = bounds
-    return (a_min <= b_max) & (b_min <= a_max)
+def _unpack(refs: tuple, cfg: FlashConfig, n_in: int) -> tuple[tuple, tuple, tuple, tuple]:
+    """A kernel's refs after the window: (the SMEM range tables, the `n_in` data inputs, the two segment-id
+    refs or Nones, the outputs and scratch), as `_call` orders them (tables and segment ids only with
+    segments)."""
+    n_ranges = 4 if cfg.has_segments else 0
+    ranges, refs = refs[:n_ranges], refs[n_ranges:]
+    inputs, refs = refs[:n_in], refs[n_in:]
+    return (ranges, inputs, *((refs[:2], refs[2:]) if cfg.has_segments else ((None, None), refs)))
 
 
 def _masked_and_full(visible: jax.Array | bool, full: jax.Array, step: Callable[[bool], None]) -> None:
@@ -203,11 +206,8 @@ def _query_major_specs(cfg: FlashConfig, L: int, D: int) -> dict[str, pl.BlockSp
 
 def _forward_kernel(window_ref, *refs, cfg: FlashConfig) -> None:  # noqa: ANN001
     """Grid (b, h, i, j): query block i against key block j, online softmax across j."""
-    nr = 4 if cfg.has_segments else 0
-    ranges, refs = refs[:nr], refs[nr:]
-    q_ref, k_ref, v_ref = refs[:3]
-    q_seg_ref, k_seg_ref = refs[3:5] if cfg.has_segments else (None, None)
-    o_ref, lse_ref, m_ref, l_ref, acc_ref = refs[-5:]
+    ranges, (q_ref, k_ref, v_ref), (q_seg_ref, k_seg_ref), (o_ref, lse_ref, m_ref, l_ref, acc_ref) = _unpack(
+        refs, cfg, 3)
     bq, bk = cfg.block_q, cfg.block_k
     b, i, j, num_q, num_k = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.num_programs(2), pl.num_programs(3)
     window = window_ref[0]
@@ -238,7 +238,7 @@ def _forward_kernel(window_ref, *refs, cfg: FlashConfig) -> None:  # noqa: ANN00
                         + _dot_nn(p_QK.astype(v_KD.dtype), v_KD, cfg))
 
     bounds = _segment_bounds(ranges, a, c)
-    _masked_and_full((lo <= j) & (j < hi) & _overlap(bounds), _tile_is_full(i * bq, j * bk, window, cfg, bounds),
+    _masked_and_full((lo <= j) & (j < hi) & _segments_meet(bounds), _tile_is_full(i * bq, j * bk, window, cfg, bounds),
                      step)
 
     @pl.when(j == num_k - 1)
@@ -277,11 +277,8 @@ def _forward(cfg: FlashConfig, q_BHLD: jax.Array, k_BKLD: jax.Array, v_BKLD: jax
 
 def _dq_kernel(window_ref, *refs, cfg: FlashConfig) -> None:  # noqa: ANN001
     """Grid (b, h, i, j): dq of query block i, accumulated over key blocks j."""
-    nr = 4 if cfg.has_segments else 0
-    ranges, refs = refs[:nr], refs[nr:]
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
-    q_seg_ref, k_seg_ref = refs[6:8] if cfg.has_segments else (None, None)
-    dq_ref, acc_ref = refs[-2:]
+    ranges, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (q_seg_ref, k_seg_ref), (dq_ref, acc_ref) = _unpack(
+        refs, cfg, 6)
     bq, bk = cfg.block_q, cfg.block_k
     b, i, j, num_q, num_k = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.num_programs(2), pl.num_programs(3)
     window = window_ref[0]
@@ -305,7 +302,7 @@ def _dq_kernel(window_ref, *refs, cfg: FlashConfig) -> None:  # noqa: ANN001
         acc_ref[...] += _dot_nn(ds_QK.astype(k_KD.dtype), k_KD, cfg)
 
     bounds = _segment_bounds(ranges, a, c)
-    _masked_and_full((lo <= j) & (j < hi) & _overlap(bounds), _tile_is_full(i * bq, j * bk, window, cfg, bounds),
+    _masked_and_full((lo <= j) & (j < hi) & _segments_meet(bounds), _tile_is_full(i * bq, j * bk, window, cfg, bounds),
                      step)
 
     @pl.when(j == num_k - 1)
@@ -316,11 +313,8 @@ def _dq_kernel(window_ref, *refs, cfg: FlashConfig) -> None:  # noqa: ANN001
 def _dkdv_kernel(window_ref, *refs, cfg: FlashConfig) -> None:  # noqa: ANN001
     """Grid (b, kv head, j, g, i): dk, dv of key block j, accumulated over the group's query heads g and the
     query blocks i, on transposed (keys x queries) tiles."""
-    nr = 4 if cfg.has_segments else 0
-    ranges, refs = refs[:nr], refs[nr:]
-    k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref = refs[:6]
-    k_seg_ref, q_seg_ref = refs[6:8] if cfg.has_segments else (None, None)
-    dk_ref, dv_ref, dk_acc_ref, dv_acc_ref = refs[-4:]
+    ranges, (k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref), (k_seg_ref, q_seg_ref), outputs = _unpack(refs, cfg, 6)
+    dk_ref, dv_ref, dk_acc_ref, dv_acc_ref = outputs
     bq, bk = cfg.block_q, cfg.block_k
     b, j, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
     num_k, num_q = pl.num_programs(2), pl.num_programs(4)
@@ -347,7 +341,7 @@ def _dkdv_kernel(window_ref, *refs, cfg: FlashConfig) -> None:  # noqa: ANN001
         dk_acc_ref[...] += _dot_nn(ds_KQ.astype(q_QD.dtype), q_QD, cfg)
 
     bounds = _segment_bounds(ranges, c, a)
-    _masked_and_full((lo <= i) & (i < hi) & _overlap(bounds), _tile_is_full(i * bq, j * bk, window, cfg, bounds),
+    _masked_and_full((lo <= i) & (i < hi) & _segments_meet(bounds), _tile_is_full(i * bq, j * bk, window, cfg, bounds),
                      step)
 
     @pl.when((g == cfg.group - 1) & (i == num_q - 1))
