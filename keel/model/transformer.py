@@ -290,12 +290,6 @@ def attention_implementations() -> dict[str, AttentionFn]:
     return {"xla": attention, "pallas": flash.flash_attention, "cudnn": cudnn_attention}
 
 
-def _per_device(shape: tuple[int, ...], spec: jax.sharding.PartitionSpec, mesh: jax.sharding.Mesh) -> tuple[int, ...]:
-    parts = tuple(spec) + (None,) * (len(shape) - len(spec))
-    sizes = [math.prod(mesh.shape[a] for a in ((p,) if isinstance(p, str) else p)) if p else 1 for p in parts]
-    return tuple(n // k for n, k in zip(shape, sizes, strict=True))
-
-
 def attention_fn(cfg: ModelConfig, sharder: Sharder | None, q_shape: tuple[int, ...], k_shape: tuple[int, ...]
                  ) -> AttentionFn:
     """The attention `cfg.attention` selects (`auto`: measured, `keel.kernels.autotune`). A Pallas or cuDNN call
@@ -315,8 +309,8 @@ def attention_fn(cfg: ModelConfig, sharder: Sharder | None, q_shape: tuple[int, 
 
         windows = _layer_windows_np(cfg)
         case = autotune.Case(
-            q_shape=q_shape if sharder is None else _per_device(q_shape, q_spec, sharder.mesh),
-            k_shape=k_shape if sharder is None else _per_device(k_shape, kv_spec, sharder.mesh),
+            q_shape=q_shape if sharder is None else jax.NamedSharding(sharder.mesh, q_spec).shard_shape(q_shape),
+            k_shape=k_shape if sharder is None else jax.NamedSharding(sharder.mesh, kv_spec).shard_shape(k_shape),
             dtype=compute_dtype(cfg).name, softcap=cfg.attn_logit_softcap, scale=attention_scale(cfg),
             windows=tuple((int(w), int((windows == w).sum())) for w in np.unique(windows)))
         impl = autotune.choose(case, attention_implementations())
