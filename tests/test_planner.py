@@ -303,3 +303,68 @@ def test_json_round_trip_of_a_row():
     row = plan(small((1, 8, 1), "full"), named("h100"), 8)[0]
     text = json.dumps(row.to_json())
     assert json.loads(text)["memory"]["total"] == row.memory.total
+
+
+def test_convolution_flops_count_the_multiply_adds_that_land_on_input() -> None:
+    """Random convolutions (1-2 spatial dims, strides, padding incl. negative, base and window dilation, feature
+    and batch groups, shuffled dim orders), compiled as one program: the HLO count equals 2 x the sum of their
+    convolutions of ones with ones, which is exactly the number of multiply-adds that touch an input element."""
+    import functools
+
+    import numpy as np
+
+    rng, convs, operands = np.random.default_rng(0), [], []
+    while len(convs) < 24:
+        n_sp, groups = int(rng.integers(1, 3)), int(rng.integers(1, 4))
+        by_batch = bool(rng.integers(0, 2)) and groups > 1
+        batch, fin, fout = groups * int(rng.integers(1, 3)), groups * int(rng.integers(1, 4)), groups * 2
+        size = [int(rng.integers(1, 4)) for _ in range(n_sp)]
+        sp = "HW"[:n_sp]
+        lhs_spec, rhs_spec = ["N", "C", *sp], ["O", "I", *sp]
+        rng.shuffle(lhs_spec)
+        rng.shuffle(rhs_spec)
+        lhs_shape = {"N": batch, "C": fin, **{c: int(rng.integers(s, 9)) for c, s in zip(sp, size, strict=True)}}
+        rhs_shape = {"O": fout, "I": fin if by_batch else fin // groups, **dict(zip(sp, size, strict=True))}
+        conv = functools.partial(
+            jax.lax.conv_general_dilated,
+            window_strides=[int(rng.integers(1, 4)) for _ in sp],
+            padding=[(int(rng.integers(-1, 3)), int(rng.integers(0, 3))) for _ in sp],
+            lhs_dilation=[int(rng.integers(1, 4)) for _ in sp], rhs_dilation=[int(rng.integers(1, 3)) for _ in sp],
+            dimension_numbers=("".join(lhs_spec), "".join(rhs_spec), "NC" + sp),
+            feature_group_count=1 if by_batch else groups, batch_group_count=groups if by_batch else 1)
+        pair = (jax.numpy.ones([lhs_shape[c] for c in lhs_spec]), jax.numpy.ones([rhs_shape[c] for c in rhs_spec]))
+        try:
+            if 0 in jax.eval_shape(conv, *pair).shape:
+                continue
+        except (TypeError, ValueError):  # padding and strides leave no output position
+            continue
+        convs.append(conv)
+        operands.append(pair)
+    compiled = jax.jit(lambda ops: [c(*p).sum() for c, p in zip(convs, ops, strict=True)]).lower(operands).compile()
+    program = hlo.parse(compiled.as_text())
+    # XLA:CPU keeps them convolutions (but one that can only give zeros, which it folds away)
+    assert sum(i.opcode == "convolution" for i, _, _ in program.instructions()) >= 20
+    assert hlo.dot_flops(program) == 2 * sum(float(x) for x in compiled(operands))
+
+
+def test_tpu_convolutions_count_as_their_dots() -> None:
+    """XLA:TPU's matmuls, as it writes them (taken from a deviceless v5p compile of dots and their gradients):
+    a dot as a 1-wide window, a weight gradient with the batch as a spatial dim, and a batched dot's transpose
+    as a base-dilated strided window. Each counts the FLOPs of the dot it came from."""
+    layout = "{2,1,0:T(8,128)(2,1)}"
+    text = f"""HloModule m
+
+ENTRY %main (a: bf16[4,128,128], b: bf16[4,128,256], c: bf16[256,512,1], d: bf16[4,128,512]) -> bf16[4,128,256] {{
+  %a = bf16[4,128,128]{layout} parameter(0)
+  %b = bf16[4,128,256]{layout} parameter(1)
+  %c = bf16[256,512,1]{{1,0,2:T(8,128)(2,1)}} parameter(2)
+  %d = bf16[4,128,512]{layout} parameter(3)
+  %batched = bf16[4,128,256]{layout} convolution(%a, %b), window={{size=4 stride=3 lhs_dilate=4}}, \
+dim_labels=0fb_0io->0bf
+  %dot = bf16[4,128,512]{layout} convolution(%b, %c), window={{size=1}}, dim_labels=0bf_io0->0bf
+  %wgrad = bf16[256,512,1]{{1,0,2:T(8,128)(2,1)}} convolution(%b, %d), window={{size=4}}, dim_labels=0fb_0io->bf0
+  ROOT %r = bf16[4,128,256]{layout} add(%batched, %batched)
+}}
+"""
+    batched, dot, wgrad = 2 * 4 * 128 * 128 * 256, 2 * 4 * 128 * 256 * 512, 2 * 4 * 128 * 256 * 512
+    assert hlo.dot_flops(hlo.parse(text)) == batched + dot + wgrad

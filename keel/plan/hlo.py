@@ -23,6 +23,8 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -229,8 +231,48 @@ def _dims(attrs: str, key: str) -> tuple[int, ...]:
     return tuple(int(x) for x in m.group(1).split(",") if x) if m else ()
 
 
+def _window(attrs: str, n: int) -> dict[str, list[int]]:
+    """A convolution's `window={size=3x3 stride=2x2 pad=1_1x0_2 lhs_dilate=... rhs_dilate=...}` per spatial dim,
+    with XLA's defaults for what it leaves out (stride and dilations 1, no padding); of a pad, the low side."""
+    m = re.search(r"\bwindow=\{([^}]*)\}", attrs)
+    fields = dict(f.split("=", 1) for f in m.group(1).split()) if m else {}
+    out = {key: [int(x.split("_")[0]) for x in fields[key].split("x")] if key in fields else [default] * n
+           for key, default in (("size", 1), ("stride", 1), ("pad", 0), ("lhs_dilate", 1), ("rhs_dilate", 1))}
+    return out
+
+
+def _taps(n_in: int, n_out: int, size: int, stride: int, pad_lo: int, lhs_dilate: int, rhs_dilate: int) -> int:
+    """(output position, window tap) pairs of one spatial dim that land on an input element, not on padding or
+    a hole of the base dilation: the multiply-adds the dim contributes per (batch, feature) pair."""
+    o = np.arange(n_out)
+    total = 0
+    for t in range(size):
+        pos = o * stride + t * rhs_dilate - pad_lo
+        total += int(np.count_nonzero((pos >= 0) & (pos <= (n_in - 1) * lhs_dilate) & (pos % lhs_dilate == 0)))
+    return total
+
+
+def _convolution_flops(ins: Instruction, shapes: Mapping[str, tuple[Shape, ...]]) -> float:
+    """2 x multiply-adds of a convolution, e.g. XLA:TPU's form of a dot (`dim_labels=0bf_io0->0bf`, batch dims
+    moved into spatial ones, base-dilated windows for batched dots): per (batch, output feature, valid tap)
+    one multiply-add for each input feature of its group (the kernel's `i` dim)."""
+    m = re.search(r"\bdim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
+    if m is None:
+        raise ValueError(f"convolution {ins.name} has no dim_labels")
+    lhs_l, rhs_l, out_l = m.groups()
+    lhs, rhs, out = shapes[ins.operands[0]][0].dims, shapes[ins.operands[1]][0].dims, ins.shapes[0].dims
+    spatial = sorted(c for c in out_l if c.isdigit())
+    w = _window(ins.attrs, len(spatial))
+    macs = out[out_l.index("b")] * out[out_l.index("f")] * rhs[rhs_l.index("i")]
+    for k, c in enumerate(spatial):
+        macs *= _taps(lhs[lhs_l.index(c)], out[out_l.index(c)], w["size"][k], w["stride"][k], w["pad"][k],
+                      w["lhs_dilate"][k], w["rhs_dilate"][k])
+    return 2.0 * macs
+
+
 def dot_flops(program: Program) -> float:
-    """2 x (result elements) x (contracted size) for every dot, times the runs of its computation."""
+    """Matmul FLOPs, times the runs of each computation: 2 x (result elements) x (contracted size) for every dot,
+    and the same count for every convolution (XLA:TPU writes its matmuls as convolutions)."""
     total = 0.0
     for name, body in program.computations.items():
         times = program.runs.get(name, 0)
@@ -238,11 +280,12 @@ def dot_flops(program: Program) -> float:
             continue
         shapes = {i.name: i.shapes for i in body}
         for ins in body:
-            if ins.opcode != "dot":
-                continue
-            lhs = shapes[ins.operands[0]][0].dims
-            contracted = math.prod(lhs[d] for d in _dims(ins.attrs, "lhs_contracting_dims"))
-            total += times * 2 * math.prod(ins.shapes[0].dims) * contracted
+            if ins.opcode == "convolution":
+                total += times * _convolution_flops(ins, shapes)
+            elif ins.opcode == "dot":
+                lhs = shapes[ins.operands[0]][0].dims
+                contracted = math.prod(lhs[d] for d in _dims(ins.attrs, "lhs_contracting_dims"))
+                total += times * 2 * math.prod(ins.shapes[0].dims) * contracted
     return total
 
 
