@@ -37,6 +37,9 @@ class CompiledStep:
     flops: float
     dot_flops: float
     collectives: list[hlo.Collective]
+    heap_bytes: float | None = None
+    """XLA:TPU's `peak_memory_in_bytes`: the arguments plus the temporaries of its buffer assignment, which its
+    `temp_size_in_bytes` exceeds (docs/parallel.md, "Against XLA:TPU"); None on other backends."""
 
     @property
     def peak_bytes(self) -> float:
@@ -58,9 +61,11 @@ def compile_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None)
     cost = cost[0] if isinstance(cost, list) else cost
     mesh = dict(run.mesh.shape)
     program = hlo.parse(compiled.as_text())
+    # meaningful on XLA:TPU (checked against its buffer-assignment dumps); XLA:CPU's is not the step's peak
+    heap = getattr(mem, "peak_memory_in_bytes", None) if run.mesh.devices.flat[0].platform == "tpu" else None
     return CompiledStep(mesh, mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                         mem.temp_size_in_bytes, float(cost["flops"]), hlo.dot_flops(program),
-                        hlo.collectives(program, mesh))
+                        hlo.collectives(program, mesh), float(heap) if heap else None)
 
 
 @dataclass
@@ -71,6 +76,7 @@ class Comparison:
     flops: tuple[float, float]  # XLA's convention: loop bodies once
     matmul_flops: tuple[float, float]  # the whole step's dots
     collectives: dict[str, tuple[float, float]] = field(default_factory=dict)  # "family over axes" -> bytes
+    heap: tuple[float, float] | None = None  # (predicted, XLA:TPU's peak_memory_in_bytes) on TPUs
 
     @staticmethod
     def error(pair: tuple[float, float]) -> float:
@@ -84,8 +90,9 @@ class Comparison:
         return {k: v for k, v in self.collectives.items() if v[0] >= share * pred or v[1] >= share * xla}
 
     def table(self) -> str:
-        rows = [("peak memory / device", *self.memory), ("FLOPs (XLA convention)", *self.flops),
-                ("matmul FLOPs", *self.matmul_flops)]
+        rows = [("peak memory / device", *self.memory)]
+        rows += [("peak memory / device (XLA's heap peak)", *self.heap)] if self.heap else []
+        rows += [("FLOPs (XLA convention)", *self.flops), ("matmul FLOPs", *self.matmul_flops)]
         rows += [(f"{k} bytes", p, x) for k, (p, x) in sorted(self.collectives.items())]
         out = [f"mesh {mesh_label(self.mesh)} (data x fsdp x tensor), remat {self.remat}",
                f"{'':44s} {'predicted':>12s} {'XLA':>12s} {'error':>8s}"]
@@ -95,8 +102,8 @@ class Comparison:
         return "\n".join(out)
 
     def to_json(self) -> dict:
-        return {"mesh": self.mesh, "remat": self.remat, "memory": self.memory, "flops": self.flops,
-                "matmul_flops": self.matmul_flops, "collectives": self.collectives}
+        return {"mesh": self.mesh, "remat": self.remat, "memory": self.memory, "heap": self.heap,
+                "flops": self.flops, "matmul_flops": self.matmul_flops, "collectives": self.collectives}
 
 
 def compare(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Comparison:
@@ -111,9 +118,10 @@ def compare(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Compari
     predicted = totals_by_family(step_traffic(layout, accelerator))
     actual = compiled_totals(compiled.collectives)
     keys = sorted(set(predicted) | set(actual))
+    heap = (memory.total, compiled.heap_bytes) if compiled.heap_bytes else None
     return Comparison(mesh, cfg.model.remat, (memory.total, compiled.peak_bytes),
                       (flops.xla_convention, compiled.flops), (flops.matmul_total, compiled.dot_flops),
-                      {k: (predicted.get(k, 0.0), actual.get(k, 0.0)) for k in keys})
+                      {k: (predicted.get(k, 0.0), actual.get(k, 0.0)) for k in keys}, heap)
 
 
 def compiled_totals(collectives: Sequence[hlo.Collective]) -> dict[str, float]:

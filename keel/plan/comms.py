@@ -13,10 +13,13 @@ into keel's train step for the sharding table, checked against the compiled HLO 
   over `data`.
 - Tensor parallel (`tensor` > 1): the outputs of `wo` and `w_down` (partial sums over heads / MLP) are
   all-reduced in the forward (2 per layer); in the backward the input gradients of `wq`, `wk`, `wv`, `w_gate`
-  and `w_up` (5 per layer: XLA reduces each projection's partial gradient, it does not add them first);
+  and `w_up`: on GPUs and TPUs 2 per layer (XLA:GPU and XLA:TPU reassociate `add(all-reduce(a),
+  all-reduce(b))` into `all-reduce(add(a, b))`, so the attention's three and the MLP's two partial gradients are
+  summed before one reduction each), on CPUs 5 (XLA:CPU reduces each projection's partial gradient);
   `full` remat repeats the forward's 2. A matrix kind whose split dim the tensor axis does not divide is
-  replicated and reduces nothing. The embedding lookup from the vocab-sharded table and the output
-  projection's input gradient are all-reduced once each per step.
+  replicated and reduces nothing, except K and V when the query heads are split: their gradients are partial
+  sums over the device's query heads, all-reduced (2 per layer, n·kv wide). The embedding lookup from the
+  vocab-sharded table and the output projection's input gradient are all-reduced once each per step.
 - The embedding lookup re-lays the looked-up rows from `embed`-sharded to `batch`-sharded (an all-to-all over
   `fsdp`, forward and backward).
 - Muon: the optimizer's layer-sharding plan's all-to-alls (there and back, over each group's shard axes) and
@@ -112,12 +115,19 @@ def step_traffic(layout: Layout, accelerator: bool = True) -> list[Traffic]:
         # w_down (mlp) in the forward, the input gradients of wq (heads), wk and wv (kv heads), w_gate and w_up
         # (mlp) in the backward. A dim the tensor axis does not divide is replicated: no partial sums there.
         h, k, f_ = (layout.heads < m.n_heads), (layout.kv_heads < m.n_kv_heads), (layout.mlp < m.mlp_dim)
-        forward, backward = h + f_, h + 2 * k + 2 * f_
+        forward = h + f_
+        # the partial input gradients that meet in one sum (q, k, v; gate, up) share one reduction on GPU/TPU
+        backward = (h or k) + f_ if accelerator else h + 2 * k + 2 * f_
         recompute = forward if m.remat == "full" else 0
         add("tensor-parallel all-reduce of the wo and w_down outputs", "all-reduce", ("tensor",), n * D * c,
             forward * L, "forward", False)
-        add("tensor-parallel all-reduce of the input gradients of wq, wk, wv, w_gate, w_up", "all-reduce",
-            ("tensor",), n * D * c, backward * L, "backward", False)
+        add("tensor-parallel all-reduce of the input gradients of wq, wk, wv, w_gate, w_up (summed on GPU/TPU)",
+            "all-reduce", ("tensor",), n * D * c, backward * L, "backward", False)
+        if h and not k:
+            # K and V are replicated over `tensor` but the query heads that read them are split: each device
+            # holds a partial sum of their gradients, reduced before the replicated projections' backward
+            add("tensor-parallel all-reduce of the replicated K and V gradients (partial over query heads)",
+                "all-reduce", ("tensor",), n * layout.kv_width * c, 2 * L, "backward", False)
         add("tensor-parallel all-reduce of the wo and w_down outputs, recomputed (remat full)", "all-reduce",
             ("tensor",), n * D * c, recompute * L, "backward", False)
         if layout.vocab < m.vocab_size:
