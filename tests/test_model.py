@@ -127,7 +127,7 @@ def test_remat_policies_change_memory_not_math(params, policy):
              "loss_mask": jnp.ones_like(tokens)}
 
     def grads(cfg):
-        return jax.grad(lambda p: T.loss_fn(p, batch, cfg)[0])(params)
+        return jax.jit(jax.grad(lambda p: T.loss_fn(p, batch, cfg)[0]))(params)
 
     want = grads(CFG)
     got = grads(dataclasses.replace(CFG, remat=policy))

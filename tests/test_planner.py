@@ -317,6 +317,7 @@ def test_json_round_trip_of_a_row():
     assert json.loads(text)["memory"]["total"] == row.memory.total
 
 
+@pytest.mark.slow  # one compile of 24 convolutions; the TPU forms below stay in the fast suite
 def test_convolution_flops_count_the_multiply_adds_that_land_on_input() -> None:
     """Random convolutions (1-2 spatial dims, strides, padding incl. negative, base and window dilation, feature
     and batch groups, shuffled dim orders), compiled as one program: the HLO count equals 2 x the sum of their
