@@ -13,9 +13,10 @@ into keel's train step for the sharding table, checked against the compiled HLO 
   over `data`.
 - Tensor parallel (`tensor` > 1): the outputs of `wo` and `w_down` (partial sums over heads / MLP) are
   all-reduced in the forward (2 per layer); in the backward the input gradients of `wq`, `wk`, `wv`, `w_gate`
-  and `w_up`: on GPUs and TPUs 2 per layer (XLA:GPU and XLA:TPU reassociate `add(all-reduce(a),
-  all-reduce(b))` into `all-reduce(add(a, b))`, so the attention's three and the MLP's two partial gradients are
-  summed before one reduction each), on CPUs 5 (XLA:CPU reduces each projection's partial gradient);
+  and `w_up`: on GPUs and TPUs 2 per layer (XLA:TPU reassociates `add(all-reduce(a), all-reduce(b))` into
+  `all-reduce(add(a, b))`, so the attention's three and the MLP's two partial gradients are summed before one
+  reduction each; measured on deviceless TPU compiles. XLA:GPU runs the same pass, `AllReduceReassociate`; not
+  yet measured on a GPU), on CPUs 5 (XLA:CPU reduces each projection's partial gradient);
   `full` remat repeats the forward's 2. A matrix kind whose split dim the tensor axis does not divide is
   replicated and reduces nothing, except K and V when the query heads are split: their gradients are partial
   sums over the device's query heads, all-reduced (2 per layer, n·kv wide). The embedding lookup from the
