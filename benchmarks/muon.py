@@ -24,7 +24,6 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
-import functools  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -94,6 +93,19 @@ def fresh_copy(run: jax.stages.Compiled, args: tuple) -> tuple:
     return jax.tree.map(lambda x, s: jax.jit(jnp.copy, out_shardings=s)(x), args, run.input_shardings[0])
 
 
+def in_place(orthogonalise: Callable, views: dict, mesh: Mesh | None) -> Callable:
+    """A strategy whose results keep their inputs' shardings (as `scale_by_muon`'s update puts them back), so
+    that either strategy's results can take the donated inputs' buffers."""
+
+    def run(stacks: dict) -> dict:
+        out = orthogonalise(stacks, views, mesh, newton_schulz)
+        if mesh is None:
+            return out
+        return {k: jax.lax.with_sharding_constraint(o, views[k].sharding) for k, o in out.items()}
+
+    return run
+
+
 def run_case(case: Case, a: argparse.Namespace) -> dict:
     """Times, per strategy, the orthogonalisation alone (what the strategies differ in) and the whole update
     (momentum and scaling too: on `dp` every device updates the whole replicated momentum, whatever the
@@ -102,18 +114,18 @@ def run_case(case: Case, a: argparse.Namespace) -> dict:
     mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
     grads, views, what = inputs(case, mesh, a)
     stacks = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(grads)[0]}
-    # runs[key] = (compiled function, its arguments); donated arguments are copied afresh before each call
-    runs: dict[tuple[str, str], tuple[Callable, tuple]] = {}
+    # runs[key] = (compiled function, its arguments, whether it takes them donated: then copied afresh per call)
+    runs: dict[tuple[str, str], tuple[jax.stages.Compiled, tuple, bool]] = {}
     outs, text = {}, ""
     for strategy in ("gathered", "layer_sharded"):
         tx = scale_by_muon(views, strategy=strategy, mesh=mesh)
         state = jax.jit(tx.init)(grads)
         update = jax.jit(tx.update, donate_argnums=(0, 1)).lower(grads, state).compile()
-        orthogonalise = functools.partial(STRATEGIES[strategy], views=views, mesh=mesh, ns=newton_schulz)
-        runs[("update", strategy)] = (update, (grads, state))
+        orthogonalise = in_place(STRATEGIES[strategy], views, mesh)
+        runs[("update", strategy)] = (update, (grads, state), True)
         runs[("orthogonalise", strategy)] = (jax.jit(orthogonalise, donate_argnums=0).lower(stacks).compile(),
-                                             (stacks,))
-        runs[("fresh", strategy)] = (jax.jit(orthogonalise).lower(stacks).compile(), ())
+                                             (stacks,), True)
+        runs[("fresh", strategy)] = (jax.jit(orthogonalise).lower(stacks).compile(), (stacks,), False)
         outs[strategy] = jax.block_until_ready(update(*fresh_copy(update, (grads, state)))[0])
         if strategy == "layer_sharded":
             text = update.as_text()
@@ -121,12 +133,15 @@ def run_case(case: Case, a: argparse.Namespace) -> dict:
     one_views = {k: MatrixView(v.n_in) for k, v in views.items()}
     host_stacks = jax.device_put(jax.device_get(stacks), jax.devices()[0])
     runs[("orthogonalise", "one device")] = (
-        jax.jit(functools.partial(STRATEGIES["layer_sharded"], views=one_views, mesh=None, ns=newton_schulz),
-                donate_argnums=0).lower(host_stacks).compile(), (host_stacks,))
+        jax.jit(in_place(STRATEGIES["layer_sharded"], one_views, None), donate_argnums=0).lower(host_stacks).compile(),
+        (host_stacks,), True)
+    for key, (run, _, donated) in runs.items():  # a donated run's results take its arguments' buffers, all of them
+        mem = run.memory_analysis()
+        assert not donated or mem.alias_size_in_bytes == mem.argument_size_in_bytes, (key, mem)
     times: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
     for _ in range(a.reps):
-        for k, (run, donated) in runs.items():
-            args = jax.block_until_ready(fresh_copy(run, donated)) if donated else (stacks,)
+        for k, (run, args, donated) in runs.items():
+            args = jax.block_until_ready(fresh_copy(run, args)) if donated else args
             t0 = time.perf_counter()
             jax.block_until_ready(run(*args))
             times[k].append(time.perf_counter() - t0)
