@@ -236,9 +236,8 @@ def _window(attrs: str, n: int) -> dict[str, list[int]]:
     with XLA's defaults for what it leaves out (stride and dilations 1, no padding); of a pad, the low side."""
     m = re.search(r"\bwindow=\{([^}]*)\}", attrs)
     fields = dict(f.split("=", 1) for f in m.group(1).split()) if m else {}
-    out = {key: [int(x.split("_")[0]) for x in fields[key].split("x")] if key in fields else [default] * n
-           for key, default in (("size", 1), ("stride", 1), ("pad", 0), ("lhs_dilate", 1), ("rhs_dilate", 1))}
-    return out
+    return {key: [int(x.split("_")[0]) for x in fields[key].split("x")] if key in fields else [default] * n
+            for key, default in (("size", 1), ("stride", 1), ("pad", 0), ("lhs_dilate", 1), ("rhs_dilate", 1))}
 
 
 def _taps(n_in: int, n_out: int, size: int, stride: int, pad_lo: int, lhs_dilate: int, rhs_dilate: int) -> int:
