@@ -17,6 +17,7 @@ from keel.config import SpikeConfig, load_config
 from keel.errors import EXIT_HANG, EXIT_SDC, EXIT_SPIKES, restartable
 from keel.train.checkpoint import load_params
 from keel.train.events import read_events
+from keel.train.faults import Faults
 from keel.train.plan import read_decisions
 from keel.train.spikes import detect, init_monitor
 from keel.train.supervise import supervise
@@ -162,6 +163,24 @@ def test_skip_update_stops_after_too_many_spikes_in_a_row(tiny_args, monkeypatch
     assert code == EXIT_SPIKES
     failure = [e for e in _events(_run_dir(tiny_args)) if e["kind"] == "failure"][-1]
     assert failure["reason"] == "spike"
+
+
+def test_injected_machine_faults_fire_once_and_bad_data_at_every_replay(tmp_path):
+    """A restarted process (a new Faults on the same run directory) does not meet the hang or the flipped bit
+    again, but it does meet the bad batch: a kill between the spike and its detection must not lose the spike."""
+    batch = {"tokens": np.arange(12, dtype=np.int32).reshape(3, 4)}
+    fired = []
+    for _process in range(3):
+        faults = Faults("hang@5,spike@7,sdc@8", tmp_path)
+        fired.append(sorted(k for k, s in (("hang", 5), ("sdc", 8)) if faults.fire(k, s)))
+        for step in (6, 7, 7):
+            got = faults.before_step(step, batch, vocab_size=100)["tokens"]
+            assert (got == 99).all() if step == 7 else got is batch["tokens"]
+    assert fired == [["hang", "sdc"], [], []]
+    records = [json.loads(x) for x in (tmp_path / "injected_faults.jsonl").read_text().splitlines()]
+    assert sorted(r["kind"] for r in records) == ["hang", "sdc"] + ["spike"] * 6
+    with pytest.raises(ValueError, match="kind@step"):
+        Faults("spike:7", tmp_path)
 
 
 # ------------------------------------------------------------------------------- hangs, restarts, caches

@@ -4,12 +4,14 @@
 
 - `hang@N`: the loop stops before step N as if a collective never returned (the hang watchdog must act);
 - `spike@N`: step N trains on a batch of nothing but the vocabulary's last (rarest) token (bad data: a loss
-  spike);
+  spike). Bad data is in the data: every process that trains step N meets it again, until a skip decision
+  (`spike.policy=rewind`) leaves the step out;
 - `sdc@N`: the silent-data-corruption check at step N sees one flipped bit in a parameter on the permuted mesh
   (a device that computes wrong: `train.sdc_every` must divide N).
 
-Each fault fires once per run directory (recorded in `run_dir/injected_faults.jsonl` before it acts), so the
-restarted process does not meet it again. Without the variable nothing here changes anything.
+A hang or an SDC fault is transient: it fires once per run directory (recorded in `run_dir/injected_faults.jsonl`
+before it acts), so the restarted process does not meet it again. A spike is recorded each time it fires. Without
+the variable nothing here changes anything.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 KINDS = ("hang", "spike", "sdc")
+PERSISTENT = ("spike",)  # faults of the data, not of the machine: a replay of the step meets them again
 
 
 class Faults:
@@ -38,7 +41,8 @@ class Faults:
         if done.exists():
             for line in done.read_text().splitlines():
                 rec = json.loads(line)
-                self.planned.pop((rec["kind"], rec["step"]), None)
+                if rec["kind"] not in PERSISTENT:
+                    self.planned.pop((rec["kind"], rec["step"]), None)
 
     @classmethod
     def from_env(cls, run_dir: Path) -> Faults:
@@ -46,8 +50,10 @@ class Faults:
 
     def fire(self, kind: str, step: int) -> bool:
         """Whether fault `kind` is due at `step` (recorded as fired before it acts)."""
-        if not self.planned.pop((kind, step), False):
+        if (kind, step) not in self.planned:
             return False
+        if kind not in PERSISTENT:
+            del self.planned[(kind, step)]
         with open(self.run_dir / "injected_faults.jsonl", "a") as f:
             f.write(json.dumps({"kind": kind, "step": step, "t_wall": time.time(), "pid": os.getpid()}) + "\n")
             f.flush()
