@@ -62,9 +62,9 @@ TINY = [
     "model.vocab_size=512", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
     "model.head_dim=8", "model.mlp_dim=64", "data.seq_len=32", "data.heldout_fraction=0.1",
     "train.batch_size=8", "train.steps=6", "train.log_every=1", "train.eval_every=3", "train.eval_batches=2",
-    "train.sample_tokens=8", "optim.warmup_steps=2", "optim.decay_fraction=0.5", "checkpoint.every=2",
+    "train.sample_tokens=0", "optim.warmup_steps=2", "optim.decay_fraction=0.5", "checkpoint.every=2",
     "train.max_restarts=0",  # in the test process, not in a supervised child (tests/test_recovery.py has those)
-]
+]  # (no closing sample: it compiles a decode per new shape; tests/test_train_cli.py and tests/test_eval.py sample)
 
 
 @pytest.fixture(scope="session")

@@ -157,6 +157,7 @@ def test_rewind_skips_the_spike_and_equals_a_run_that_skipped_it(tiny_args, tmp_
     assert "skipped by the run (spike at step 9)" in out.stdout, out.stdout + out.stderr
 
 
+@pytest.mark.slow  # keeps the fast suite under its 4-minute budget; the detector's rule is tested above
 def test_skip_update_stops_after_too_many_spikes_in_a_row(tiny_args, monkeypatch):
     monkeypatch.setenv("KEEL_INJECT", "spike@6,spike@7")
     code = _train(tiny_args, *SPIKY, "spike.policy=skip_update", "spike.max_consecutive=2")
@@ -297,10 +298,10 @@ def test_metrics_never_hold_a_step_twice(tiny_args):
     """Steps computed after the checkpoint a resume restores move to metrics.superseded.jsonl."""
     import shutil
 
-    run = _run_dir(tiny_args)
-    assert _train(tiny_args, "train.stop_at=5") == 0
+    run, quick = _run_dir(tiny_args), [*tiny_args, "train.eval_every=6"]
+    assert _train(quick, "train.stop_at=5") == 0
     shutil.rmtree(run / "checkpoints" / "5")  # the last save lost (as if the process died before it)
-    assert _train(tiny_args) == 0
+    assert _train(quick) == 0
     assert _metric_steps(run / "metrics.jsonl") == [1, 2, 3, 4, 5, 6]
     assert _metric_steps(run / "metrics.superseded.jsonl") == [5]
 

@@ -29,7 +29,8 @@ def _train(args, *extra):
 
 
 def test_train_end_to_end(tiny_args, capsys):
-    assert _train(tiny_args, "train.steps=30", "train.eval_every=15", "optim.warmup_steps=3", "optim.lr=1e-2") == 0
+    assert _train(tiny_args, "train.steps=30", "train.eval_every=15", "optim.warmup_steps=3", "optim.lr=1e-2",
+                  "train.sample_tokens=8") == 0
     out = capsys.readouterr().out
     for words in ("held-out loss", "held-out bits/byte", "unigram entropy", "tokens seen", "wall time",
                   "sample (temperature"):
@@ -227,7 +228,8 @@ def test_sigterm_checkpoints_within_a_step_and_exits_143_without_eval_or_sample(
     evaluation, no sample — and the run resumes from that checkpoint."""
     run = _run_dir(tiny_args)
     log = run.parent / "preempt.log"
-    args = [*tiny_args, "train.steps=400", "train.eval_every=200", "checkpoint.every=200", "train.log_every=50"]
+    args = [*tiny_args, "train.steps=400", "train.eval_every=200", "checkpoint.every=200", "train.log_every=50",
+            "train.sample_tokens=8"]  # a sample that a finished run would print
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "keel", "train", "--no-progress", *args],
                                 stdout=out, stderr=subprocess.STDOUT)
