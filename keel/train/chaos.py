@@ -114,7 +114,7 @@ def run_chaos(train_args: Sequence[str], run_dir: Path, *, kills: int, steps: in
         try:
             while len(report.kills) < kills and proc.poll() is None and time.monotonic() - t0 < timeout_s:
                 kind = rng.choice(KILL_KINDS)
-                kill = _kill_once(run_dir, proc.pid, kind, rng, steps, max_gap_steps)
+                kill = _kill_once(run_dir, proc.pid, kind, rng, steps, max_gap_steps, hang_at)
                 if kill is None:
                     continue
                 report.kills.append(kill)
@@ -133,9 +133,10 @@ def run_chaos(train_args: Sequence[str], run_dir: Path, *, kills: int, steps: in
     return report
 
 
-def _kill_once(run_dir: Path, supervisor: int, kind: str, rng: random.Random, steps: int, max_gap: int
-               ) -> dict[str, Any] | None:
-    """Wait for a moment of `kind` in the current training process and SIGKILL it; None if the run ended."""
+def _kill_once(run_dir: Path, supervisor: int, kind: str, rng: random.Random, steps: int, max_gap: int,
+               hang_at: int | None = None) -> dict[str, Any] | None:
+    """Wait for a moment of `kind` in the current training process and SIGKILL it; None if the run ended, or
+    if the process met (or was about to meet) the injected hang before step `hang_at`."""
     deadline = time.monotonic() + 300
     pid = None
     while pid is None and time.monotonic() < deadline:
@@ -159,6 +160,9 @@ def _kill_once(run_dir: Path, supervisor: int, kind: str, rng: random.Random, st
             last = max([e["step"] for e in _events(run_dir) if e["kind"] == "step"], default=0)
             if last >= steps - 2:  # leave the end of the run alone: it must finish
                 return None
+    last = max([e["step"] for e in _events(run_dir) if e["kind"] == "step"], default=0)
+    if hang_at is not None and hang_at - 3 <= last <= hang_at and not _hung(run_dir):
+        time.sleep(1.0)  # it records the hang the moment it reaches the step: a kill then would lose the hang
     if _hung(run_dir, pid):  # the injected hang is the watchdog's to end: let it, and kill the next process
         while _alive(pid):
             time.sleep(0.05)
@@ -174,11 +178,11 @@ def _kill_once(run_dir: Path, supervisor: int, kind: str, rng: random.Random, st
     return {"kind": kind, "t": time.time(), "step": last, "committed": committed, "pid": pid}
 
 
-def _hung(run_dir: Path, pid: int) -> bool:
-    """Whether process `pid` met the injected hang (keel/train/faults.py records it before it acts)."""
+def _hung(run_dir: Path, pid: int | None = None) -> bool:
+    """Whether process `pid` (None: any) met the injected hang (keel/train/faults.py records it before it acts)."""
     path = run_dir / "injected_faults.jsonl"
-    return path.exists() and any(json.loads(line).get("kind") == "hang" and json.loads(line).get("pid") == pid
-                                 for line in path.read_text().splitlines())
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return any(r["kind"] == "hang" and pid in (None, r["pid"]) for r in records)
 
 
 def _alive(pid: int) -> bool:
