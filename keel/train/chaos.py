@@ -78,6 +78,11 @@ def _events(run_dir: Path) -> list[dict[str, Any]]:
     return read_events(path) if path.exists() else []
 
 
+def _last_step(events: Sequence[dict[str, Any]]) -> int:
+    """The highest step any attempt has reported (0: none yet)."""
+    return max([e["step"] for e in events if e["kind"] == "step"], default=0)
+
+
 def _corrupt_latest(run_dir: Path) -> int | None:
     """Truncate the largest file of the latest committed checkpoint to half its size (the training process is
     dead and the supervisor in its backoff); its step, or None while there are fewer than two (with one, there
@@ -155,20 +160,18 @@ def _kill_once(run_dir: Path, supervisor: int, kind: str, rng: random.Random, st
         got = 0
         while got < want and time.monotonic() < deadline:
             time.sleep(0.02)
-            new = _events(run_dir)[seen:]
-            got = sum(e["kind"] == ("step" if kind == "step" else "checkpoint_save") for e in new)
-            last = max([e["step"] for e in _events(run_dir) if e["kind"] == "step"], default=0)
-            if last >= steps - 2:  # leave the end of the run alone: it must finish
+            events = _events(run_dir)
+            got = sum(e["kind"] == ("step" if kind == "step" else "checkpoint_save") for e in events[seen:])
+            if _last_step(events) >= steps - 2:  # leave the end of the run alone: it must finish
                 return None
-    last = max([e["step"] for e in _events(run_dir) if e["kind"] == "step"], default=0)
-    if hang_at is not None and hang_at - 3 <= last <= hang_at and not _hung(run_dir):
+    if hang_at is not None and hang_at - 3 <= _last_step(_events(run_dir)) <= hang_at and not _hung(run_dir):
         time.sleep(1.0)  # it records the hang the moment it reaches the step: a kill then would lose the hang
     if _hung(run_dir, pid):  # the injected hang is the watchdog's to end: let it, and kill the next process
         while _alive(pid):
             time.sleep(0.05)
         return None
     committed = committed_steps(run_dir)
-    last = max([e["step"] for e in _events(run_dir) if e["kind"] == "step"], default=0)
+    last = _last_step(_events(run_dir))
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:

@@ -31,18 +31,18 @@ PERSISTENT = ("spike",)  # faults of the data, not of the machine: a replay of t
 class Faults:
     def __init__(self, spec: str, run_dir: Path):
         self.run_dir = run_dir
-        self.planned: dict[tuple[str, int], bool] = {}
+        self.planned: set[tuple[str, int]] = set()
         for item in filter(None, (x.strip() for x in spec.split(","))):
             kind, _, step = item.partition("@")
             if kind not in KINDS or not step.isdigit():
                 raise ValueError(f"KEEL_INJECT item {item!r}: expected kind@step with kind in {KINDS}")
-            self.planned[(kind, int(step))] = True
+            self.planned.add((kind, int(step)))
         done = run_dir / "injected_faults.jsonl"
         if done.exists():
             for line in done.read_text().splitlines():
                 rec = json.loads(line)
                 if rec["kind"] not in PERSISTENT:
-                    self.planned.pop((rec["kind"], rec["step"]), None)
+                    self.planned.discard((rec["kind"], rec["step"]))
 
     @classmethod
     def from_env(cls, run_dir: Path) -> Faults:
@@ -53,7 +53,7 @@ class Faults:
         if (kind, step) not in self.planned:
             return False
         if kind not in PERSISTENT:
-            del self.planned[(kind, step)]
+            self.planned.remove((kind, step))
         with open(self.run_dir / "injected_faults.jsonl", "a") as f:
             f.write(json.dumps({"kind": kind, "step": step, "t_wall": time.time(), "pid": os.getpid()}) + "\n")
             f.flush()
