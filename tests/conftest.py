@@ -13,6 +13,16 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
+def eight_devices(compilation_cache):
+    """The process's backend, started now (after the cache is set) with the 8 devices above: JAX reads XLA_FLAGS
+    when its first backend starts, and a test that changes the variable for its subprocesses (tests/test_chaos.py)
+    must not, by being the first to touch a device, leave every later test of its worker with one."""
+    import jax
+
+    assert len(jax.devices()) == 8, jax.devices()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     """One persistent XLA compilation cache for the session (a worker's, with pytest-xdist; its subprocesses
     share it through the environment unless a test takes it away):
